@@ -1,0 +1,201 @@
+import CLua
+import NIOCore
+
+/// What a call into Lua returned: its first result, reduced to what Swift needs.
+struct LuaResult {
+    var isNil: Bool
+    var truthy: Bool
+    var number: Double?
+    /// A registry reference to the result, when one was asked for and it is not nil.
+    var ref: Int32?
+}
+
+/// An error raised by Lua code, with the message Lua gave (it starts with `file:line:`
+/// when Lua knows where) and the traceback.
+public struct LuaError: Error, CustomStringConvertible, Sendable {
+    public enum Kind: Sendable { case runtime, syntax, memory, budget }
+    public var kind: Kind
+    /// The message and traceback as Lua produced them.
+    public var message: String
+    /// The message without the traceback: what a log line shows.
+    public var summary: String {
+        message.split(separator: "\n", maxSplits: 1).first.map(String.init) ?? message
+    }
+    public var description: String { summary }
+}
+
+/// An argument for `LuaVM.call`.
+enum LuaArg {
+    case `nil`
+    case int(Int64)
+    case number(Double)
+    case bool(Bool)
+    case ref(Int32)
+    case string(String)
+    case bytes(ByteBuffer)
+}
+
+/// What Lua code may ask of its owner (through the C core functions). Called on the thread
+/// that runs the VM, never re-entering Lua.
+protocol LuaVMDelegate: AnyObject {
+    func luaSend(connection: Int64, bytes: UnsafeRawBufferPointer, binary: Bool) -> Bool
+    func luaClose(connection: Int64, code: UInt16, reason: String) -> Bool
+    func luaLog(level: Int32, message: String)
+}
+
+/// One Lua state with the luaws prelude loaded, its memory cap and instruction budget.
+///
+/// Not thread-safe, like the state it wraps: it belongs to one thread (an event loop) for life.
+/// Every interaction with Lua goes through the protected C bridge (`luaws_call` & co.), so no
+/// Lua error can unwind Swift frames.
+final class LuaVM {
+    private let state: OpaquePointer
+    private let host: UnsafeMutablePointer<luaws_host>
+    /// Registry reference of the table the prelude returned.
+    private let api: Int32
+    private var apiFunctions: [String: Int32] = [:]
+    weak var delegate: LuaVMDelegate?
+
+    init(memoryLimit: Int, instructionBudget: Int) throws {
+        let host = UnsafeMutablePointer<luaws_host>.allocate(capacity: 1)
+        host.initialize(to: luaws_host())
+        host.pointee.mem_limit = memoryLimit
+        host.pointee.budget = Int32(clamping: instructionBudget)
+        host.pointee.send = { swift, id, data, len, binary in
+            let vm = Unmanaged<LuaVM>.fromOpaque(swift!).takeUnretainedValue()
+            let bytes = UnsafeRawBufferPointer(start: data, count: len)
+            return vm.delegate?.luaSend(connection: id, bytes: bytes, binary: binary != 0) == true ? 0 : 1
+        }
+        host.pointee.close = { swift, id, code, reason, len in
+            let vm = Unmanaged<LuaVM>.fromOpaque(swift!).takeUnretainedValue()
+            let text = String(decoding: UnsafeRawBufferPointer(start: reason, count: len), as: UTF8.self)
+            return vm.delegate?.luaClose(connection: id, code: UInt16(code), reason: text) == true ? 0 : 1
+        }
+        host.pointee.log = { swift, level, msg, len in
+            let vm = Unmanaged<LuaVM>.fromOpaque(swift!).takeUnretainedValue()
+            vm.delegate?.luaLog(level: level, message: String(decoding: UnsafeRawBufferPointer(start: msg, count: len), as: UTF8.self))
+        }
+
+        var prelude = luaPrelude
+        var ref: Int32 = LUA_NOREF
+        let opened: OpaquePointer? = prelude.withUTF8 { src in
+            src.withMemoryRebound(to: CChar.self) { chars in
+                luaws_open(host, chars.baseAddress, chars.count, "=luaws-prelude", &ref)
+            }
+        }
+        guard let opened else {
+            let message = Self.errorText(host)
+            host.deinitialize(count: 1)
+            host.deallocate()
+            throw LuaError(kind: .runtime, message: "luaws prelude: \(message)")
+        }
+        self.host = host
+        state = opened
+        api = ref
+        // The pointer Lua's callbacks use to find this object; unretained (the VM owns the state).
+        host.pointee.swift = Unmanaged.passUnretained(self).toOpaque()
+    }
+
+    deinit {
+        lua_close(state)
+        host.deinitialize(count: 1)
+        host.deallocate()
+    }
+
+    /// Bytes the state holds now.
+    var memoryInUse: Int { host.pointee.mem_used }
+
+    private static func errorText(_ host: UnsafeMutablePointer<luaws_host>) -> String {
+        withUnsafeBytes(of: &host.pointee.error) { raw in
+            let bytes = raw.prefix { $0 != 0 }
+            return String(decoding: bytes, as: UTF8.self)
+        }
+    }
+
+    /// The registry reference of a function the prelude exports.
+    func apiFunction(_ name: String) throws -> Int32 {
+        if let ref = apiFunctions[name] { return ref }
+        let result = try call(api, [], wantRef: true, indexing: name)
+        guard let ref = result.ref else { throw LuaError(kind: .runtime, message: "luaws prelude has no \(name)") }
+        apiFunctions[name] = ref
+        return ref
+    }
+
+    /// Calls the function behind `function` (a registry reference) with `args`, protected and
+    /// under the instruction budget.
+    @discardableResult
+    func call(_ function: Int32, _ args: [LuaArg], wantRef: Bool = false) throws -> LuaResult {
+        try call(function, args, wantRef: wantRef, indexing: nil)
+    }
+
+    private func call(_ function: Int32, _ args: [LuaArg], wantRef: Bool, indexing: String?) throws -> LuaResult {
+        var result = luaws_result()
+        let status: Int32 = withLuaArgs(args) { cArgs in
+            if let key = indexing {
+                return key.withCString { k in
+                    luaws_index(state, function, k, wantRef ? 1 : 0, &result)
+                }
+            }
+            return luaws_call(state, function, cArgs.baseAddress, Int32(cArgs.count), wantRef ? 1 : 0, &result)
+        }
+        guard status == LUA_OK else {
+            let kind: LuaError.Kind
+            if host.pointee.budget_hit != 0 {
+                kind = .budget
+            } else if status == LUA_ERRMEM {
+                kind = .memory
+            } else if status == LUA_ERRSYNTAX {
+                kind = .syntax
+            } else {
+                kind = .runtime
+            }
+            throw LuaError(kind: kind, message: Self.errorText(host))
+        }
+        return LuaResult(
+            isNil: result.type == LUA_TNIL,
+            truthy: result.boolean != 0,
+            number: result.type == LUA_TNUMBER ? result.number : nil,
+            ref: result.ref == LUA_NOREF ? nil : result.ref
+        )
+    }
+
+    func unref(_ ref: Int32) {
+        luaws_unref(state, ref)
+    }
+
+    /// Keeps every argument's bytes alive and in place while C reads them.
+    private func withLuaArgs<R>(_ args: [LuaArg], _ body: (UnsafeBufferPointer<luaws_arg>) -> R) -> R {
+        var cArgs = [luaws_arg](repeating: luaws_arg(), count: args.count)
+        func fill(_ index: Int) -> R {
+            if index == args.count { return cArgs.withUnsafeBufferPointer(body) }
+            switch args[index] {
+            case .nil:
+                cArgs[index].type = Int32(LUAWS_ARG_NIL)
+            case .int(let i):
+                cArgs[index].type = Int32(LUAWS_ARG_INT); cArgs[index].i = i
+            case .number(let n):
+                cArgs[index].type = Int32(LUAWS_ARG_NUM); cArgs[index].n = n
+            case .bool(let b):
+                cArgs[index].type = Int32(LUAWS_ARG_BOOL); cArgs[index].i = b ? 1 : 0
+            case .ref(let r):
+                cArgs[index].type = Int32(LUAWS_ARG_REF); cArgs[index].i = Int64(r)
+            case .string(var s):
+                return s.withUTF8 { utf8 in
+                    cArgs[index].type = Int32(LUAWS_ARG_STR)
+                    cArgs[index].s = UnsafeRawPointer(utf8.baseAddress).map { $0.assumingMemoryBound(to: CChar.self) }
+                    cArgs[index].len = utf8.count
+                    return fill(index + 1)
+                }
+            case .bytes(let buffer):
+                return buffer.withUnsafeReadableBytes { raw in
+                    cArgs[index].type = Int32(LUAWS_ARG_STR)
+                    cArgs[index].s = raw.baseAddress?.assumingMemoryBound(to: CChar.self)
+                    cArgs[index].len = raw.count
+                    return fill(index + 1)
+                }
+            }
+            return fill(index + 1)
+        }
+        return fill(0)
+    }
+}

@@ -1,0 +1,235 @@
+/// The Lua side of the plugin API, run once in every new Lua state with the C `core` table as
+/// its argument. It builds the sandbox each plugin runs in, the `luaws` module, the connection
+/// objects and the plugin loader, and returns the functions ScriptHost calls (see `LuaVM`).
+///
+/// Kept in Lua because this is where Lua is the clearer language: tables, environments,
+/// metatables. Everything that touches the engine goes through `core`, written in C.
+let luaPrelude = #"""
+local core = ...
+local LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR = 0, 1, 2, 3
+local log_levels = { debug = LOG_DEBUG, info = LOG_INFO, warn = LOG_WARN, warning = LOG_WARN, error = LOG_ERROR }
+
+-- Private copies: scripts never see these.
+local io_open, load, loadfile, setmetatable, rawget, rawset, type, pairs, tostring, select, error =
+      io.open, load, loadfile, setmetatable, rawget, rawset, type, pairs, tostring, select, error
+local concat, gsub, gmatch, lower, find = table.concat, string.gsub, string.gmatch, string.lower, string.find
+
+-- Strings share one metatable: lock it so no plugin can change `("x"):upper()` for the others.
+getmetatable("").__metatable = false
+
+local vars = {}
+
+local function tostrings(...)
+  local n = select("#", ...)
+  local parts = {}
+  for i = 1, n do parts[i] = tostring((select(i, ...))) end
+  return concat(parts, " ")
+end
+
+------------------------------------------------------------------------ luaws module
+local luaws = {
+  version = "0.1.0",
+  utcnow_iso = core.utcnow_iso,
+  now = core.now,
+}
+
+function luaws.log(level, ...)
+  local l = log_levels[level]
+  if l == nil then error("luaws.log: level must be debug, info, warn or error", 2) end
+  core.log(l, tostrings(...))
+end
+
+--- The value of a `--var NAME=VALUE` given on the command line, or `default`.
+--- With a number default the value is converted to a number.
+function luaws.var(name, default)
+  local v = vars[name]
+  if v == nil then return default end
+  if type(default) == "number" then
+    local n = tonumber(v)
+    if n == nil then error("--var " .. name .. "=" .. v .. " is not a number", 2) end
+    return n
+  end
+  return v
+end
+
+------------------------------------------------------------------------ connections
+local Conn = {}
+local conn_methods = {}
+
+function conn_methods:send(text)
+  if type(text) ~= "string" then text = tostring(text) end
+  return core.send(rawget(self, "id"), text, false)
+end
+
+function conn_methods:send_binary(bytes)
+  if type(bytes) ~= "string" then error("send_binary expects a string of bytes", 2) end
+  return core.send(rawget(self, "id"), bytes, true)
+end
+
+function conn_methods:close(code, reason)
+  return core.close(rawget(self, "id"), code, reason)
+end
+
+local function parse_query(qs)
+  local q = {}
+  if qs == nil or qs == "" then return q end
+  for pair in gmatch(qs, "[^&]+") do
+    local k, v = pair:match("^([^=]*)=?(.*)$")
+    local function unescape(s)
+      s = gsub(s, "+", " ")
+      return (gsub(s, "%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+    end
+    k, v = unescape(k), unescape(v)
+    if q[k] == nil then q[k] = v end
+  end
+  return q
+end
+
+local function parse_headers(raw)
+  local h = {}
+  for line in gmatch(raw or "", "[^\n]+") do
+    local k, v = line:match("^([^:]+):%s*(.*)$")
+    if k then
+      k = lower(k)
+      if h[k] then h[k] = h[k] .. ", " .. v else h[k] = v end
+    end
+  end
+  return h
+end
+
+-- `headers`, `query` and `data` are made on first use: most connections never ask.
+Conn.__index = function(self, key)
+  local m = conn_methods[key]
+  if m ~= nil then return m end
+  if key == "headers" then
+    local h = parse_headers(rawget(self, "_raw_headers"))
+    rawset(self, "headers", h)
+    return h
+  elseif key == "query" then
+    local q = parse_query(rawget(self, "_raw_query"))
+    rawset(self, "query", q)
+    return q
+  elseif key == "data" then
+    local d = {}
+    rawset(self, "data", d)
+    return d
+  end
+  return nil
+end
+Conn.__tostring = function(self) return "luaws.conn(" .. rawget(self, "id") .. ")" end
+Conn.__metatable = "luaws.conn"
+
+local function new_conn(id, path, query, headers)
+  return setmetatable({ id = id, path = path, _raw_query = query, _raw_headers = headers }, Conn)
+end
+
+------------------------------------------------------------------------ sandbox
+local function copy(t)
+  local c = {}
+  for k, v in pairs(t) do c[k] = v end
+  return c
+end
+
+local function sandbox_base(plugin_name, require_fn)
+  local env = {
+    assert = assert, error = error, ipairs = ipairs, next = next, pairs = pairs,
+    pcall = pcall, xpcall = xpcall, rawequal = rawequal, rawget = rawget, rawlen = rawlen,
+    rawset = rawset, select = select, setmetatable = setmetatable, getmetatable = getmetatable,
+    tonumber = tonumber, tostring = tostring, type = type, _VERSION = _VERSION,
+    string = copy(string), table = copy(table), math = copy(math), utf8 = copy(utf8),
+    coroutine = copy(coroutine),
+    os = { time = os.time, clock = os.clock, date = os.date, difftime = os.difftime },
+    luaws = luaws,
+    require = require_fn,
+  }
+  env.print = function(...) core.log(LOG_INFO, "[" .. plugin_name .. "] " .. tostrings(...)) end
+  env.collectgarbage = function(opt, ...)
+    opt = opt or "collect"
+    if opt == "count" or opt == "collect" or opt == "step" then return collectgarbage(opt, ...) end
+    error("collectgarbage('" .. tostring(opt) .. "') is not available to plugins", 2)
+  end
+  -- Text chunks only (bytecode can crash the VM), in the plugin's sandbox unless told otherwise.
+  env.load = function(chunk, name, mode, chunk_env)
+    return load(chunk, name, "t", chunk_env or env)
+  end
+  env._G = env
+  return env
+end
+
+-- require("name") loads <lib dir>/name.lua (dots become slashes), once per plugin set.
+local function make_require(lib_dir, cache)
+  local function require_fn(name)
+    if type(name) ~= "string" or not name:match("^[%w_]+[%w_%.]*$") or find(name, "..", 1, true) then
+      error("require: bad module name " .. tostring(name), 2)
+    end
+    local cached = cache[name]
+    if cached ~= nil then return cached end
+    local path = lib_dir .. "/" .. gsub(name, "%.", "/") .. ".lua"
+    local f = io_open(path, "r")
+    if f == nil then error("require: module '" .. name .. "' not found (looked for " .. path .. ")", 2) end
+    local src = f:read("a")
+    f:close()
+    local fn, err = load(src, "@" .. path, "t", sandbox_base(name, require_fn))
+    if fn == nil then error(err, 0) end
+    local result = fn(name)
+    if result == nil then result = true end
+    cache[name] = result
+    return result
+  end
+  return require_fn
+end
+
+------------------------------------------------------------------------ plugins
+local HOOKS = { on_open = true, on_message = true, on_close = true, on_idle = true }
+
+-- Compiles and runs one plugin's source; checks the table it returns.
+local function load_plugin(set, name, chunkname, src)
+  local env = sandbox_base(name, set.require)
+  local fn, err = load(src, "@" .. chunkname, "t", env)
+  if fn == nil then error(err, 0) end
+  local plugin = fn()
+  local where = chunkname .. ": "
+  if type(plugin) ~= "table" then
+    error(where .. "a plugin must return a table of hooks (got " .. type(plugin) .. ")", 0)
+  end
+  for k, v in pairs(plugin) do
+    if HOOKS[k] then
+      if type(v) ~= "function" then error(where .. k .. " must be a function (got " .. type(v) .. ")", 0) end
+    elseif k == "idle" then
+      if type(v) ~= "number" or v ~= v or v <= 0 or v == math.huge then
+        error(where .. "idle must be a positive number of seconds (got " .. tostring(v) .. ")", 0)
+      end
+    elseif k ~= "name" then
+      error(where .. "unknown field '" .. tostring(k) .. "' (hooks are on_open, on_message, on_close, on_idle; settings are idle, name)", 0)
+    end
+  end
+  if plugin.on_idle and not plugin.idle then error(where .. "on_idle needs idle = <seconds>", 0) end
+  if plugin.idle and not plugin.on_idle then error(where .. "idle is set but there is no on_idle hook", 0) end
+  return plugin
+end
+
+local api = {}
+
+-- A plugin set: every plugin of one load, in order. All-or-nothing.
+function api.new_set(lib_dir)
+  local set = { plugins = {} }
+  set.require = make_require(lib_dir, {})
+  return set
+end
+
+function api.add_plugin(set, name, chunkname, src)
+  set.plugins[#set.plugins + 1] = load_plugin(set, name, chunkname, src)
+end
+
+function api.plugin_count(set) return #set.plugins end
+
+function api.plugin_field(set, index, field)
+  return set.plugins[index][field]
+end
+
+function api.set_var(name, value) vars[name] = value end
+
+api.new_conn = new_conn
+
+return api
+"""#

@@ -1,0 +1,65 @@
+import NIOCore
+import NIOHTTP1
+
+/// The one protocol between the engine and what gives it behaviour (in luaws: the Lua plugins).
+///
+/// The server makes one application per event loop and calls it only on that loop, for the
+/// connections of that loop, so an implementation needs no locks. The engine never calls it
+/// re-entrantly from inside one of its own calls to the connection: a connection that fails
+/// while the application is sending to it reports `closed` after the call returns.
+public protocol WebSocketApplication: AnyObject {
+    /// The handshake is done; the connection can send.
+    func opened(_ connection: WebSocketConnection)
+    /// A whole message arrived (fragments joined, text validated as UTF-8).
+    func received(_ message: WebSocketMessage, on connection: WebSocketConnection)
+    /// Idle timer `timer` (an index into the last `setIdleTimers`) fired: that long has passed
+    /// without a message from the client, or since it last fired.
+    func idle(_ connection: WebSocketConnection, timer: Int)
+    /// The connection is gone. `code` is the close code the client sent, 1005 if its close frame
+    /// had none, 1006 if the connection ended without one.
+    func closed(_ connection: WebSocketConnection, code: UInt16, reason: String)
+}
+
+/// What the opening request asked for.
+public struct WebSocketRequest: Sendable {
+    public var path: String
+    /// The query string without `?` (empty if none).
+    public var query: String
+    public var headers: HTTPHeaders
+    public var remoteAddress: String?
+}
+
+/// One client connection, as the application sees it. Used on its event loop only.
+/// Calls on a connection that has closed do nothing and return false.
+public final class WebSocketConnection {
+    /// Unique within this server process.
+    public let id: Int64
+    public let request: WebSocketRequest
+    weak var handler: WebSocketConnectionHandler?
+
+    init(id: Int64, request: WebSocketRequest, handler: WebSocketConnectionHandler) {
+        self.id = id
+        self.request = request
+        self.handler = handler
+    }
+
+    /// Queues one message. False when the connection is closing or closed.
+    @discardableResult
+    public func send(_ data: ByteBuffer, binary: Bool = false) -> Bool {
+        handler?.send(data, binary: binary) ?? false
+    }
+
+    /// Starts the closing handshake with `code` and `reason` (at most 123 bytes of UTF-8).
+    /// False when the connection is already closing or closed.
+    @discardableResult
+    public func close(code: UInt16 = 1000, reason: String = "") -> Bool {
+        handler?.startClose(code: code, reason: reason) ?? false
+    }
+
+    /// Replaces the idle timers. Timer `i` fires after `intervals[i]` without a message from the
+    /// client, and again every `intervals[i]` after it fired while no message arrives. A timer
+    /// that already existed keeps counting from where it was.
+    public func setIdleTimers(_ intervals: [TimeAmount]) {
+        handler?.setIdleTimers(intervals)
+    }
+}

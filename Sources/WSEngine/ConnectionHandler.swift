@@ -1,0 +1,328 @@
+import Logging
+import NIOCore
+import NIOWebSocket
+
+/// Serves one upgraded connection: turns frames into messages for the application, answers
+/// pings, runs the closing handshake and the idle timers.
+///
+/// Sits after NIO's `WebSocketFrameDecoder` (which rejects bad lengths and oversized or
+/// fragmented control frames, with `WebSocketProtocolErrorHandler` sending the close frame) and
+/// checks everything else RFC 6455 asks of a server: masking, reserved bits, opcodes, fragment
+/// order, UTF-8, close payloads.
+///
+/// States: `open` → `closing` (a close frame was sent; data frames are discarded while the
+/// client's close is awaited) → `closed` (the channel is going away). The application hears
+/// `opened` once when the handler is added and `closed` once when the channel goes inactive.
+final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = WebSocketFrame
+    typealias OutboundOut = WebSocketFrame
+
+    private enum State { case open, closing, closed }
+
+    private struct IdleTimer {
+        var interval: TimeAmount
+        /// When it last fired (or was set): with the last message, the start of the current wait.
+        var anchor: NIODeadline
+        var task: Scheduled<Void>?
+    }
+
+    private let loop: LoopState
+    private let loopEventLoop: EventLoop
+    private let configuration: ServerConfiguration
+    private var state = State.open
+    private var assembler: MessageAssembler
+    private var context: ChannelHandlerContext?
+    private(set) var connection: WebSocketConnection!
+    private let request: WebSocketRequest
+    private let id: Int64
+
+    /// The client's close frame, once received: reported to the application on close.
+    private var clientClose: (code: UInt16, reason: String)?
+    private var closeTimeout: Scheduled<Void>?
+
+    private var idleTimers: [IdleTimer] = []
+    private var lastMessage = NIODeadline.now()
+
+    /// Set while the handler is calling the application: writes are flushed once afterwards.
+    private var dispatching = false
+    /// Set between a read and the end of its batch: writes are flushed once in channelReadComplete.
+    private var reading = false
+    private var needsFlush = false
+
+    init(id: Int64, request: WebSocketRequest, loop: LoopState, configuration: ServerConfiguration) {
+        self.id = id
+        self.request = request
+        self.loop = loop
+        self.configuration = configuration
+        self.assembler = MessageAssembler(maxMessageSize: configuration.maxMessageSize)
+        self.loopEventLoop = loop.eventLoop
+    }
+
+    // MARK: channel events
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        connection = WebSocketConnection(id: id, request: request, handler: self)
+        loop.connections[id] = self
+        lastMessage = .now()
+        dispatch { $0.opened(connection) }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        finish()
+        context.fireChannelInactive()
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        finish()
+        self.context = nil
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        reading = false
+        flushIfNeeded()
+        context.fireChannelReadComplete()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        // Decoder errors were answered with a close frame by WebSocketProtocolErrorHandler,
+        // which also closes the channel; I/O errors close it here.
+        if !(error is NIOWebSocketError) {
+            loop.logger.debug("connection \(id): \(error)")
+            context.close(promise: nil)
+        }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let frame = unwrapInboundIn(data)
+        reading = true
+        do {
+            try receive(frame)
+        } catch {
+            fail(error)
+        }
+    }
+
+    // MARK: frames
+
+    private func receive(_ frame: WebSocketFrame) throws(ProtocolFailure) {
+        guard let mask = frame.maskKey else {
+            throw ProtocolFailure(code: ProtocolFailure.protocolError, reason: "unmasked frame from a client")
+        }
+        guard !frame.rsv1, !frame.rsv2, !frame.rsv3 else {
+            throw ProtocolFailure(code: ProtocolFailure.protocolError, reason: "reserved bit set with no extension negotiated")
+        }
+        var payload = frame.data
+        payload.webSocketUnmask(mask)
+
+        switch frame.opcode {
+        case .text, .binary, .continuation:
+            guard state == .open else { return }  // after our close frame, data is discarded
+            guard let message = try assembler.append(opcode: frame.opcode, fin: frame.fin, data: payload) else { return }
+            lastMessage = .now()
+            dispatch { $0.received(message, on: connection) }
+
+        case .ping:
+            guard state == .open else { return }
+            write(WebSocketFrame(fin: true, opcode: .pong, data: payload))
+            needsFlush = true
+
+        case .pong:
+            break
+
+        case .connectionClose:
+            try receiveClose(payload)
+
+        default:
+            throw ProtocolFailure(code: ProtocolFailure.protocolError, reason: "unknown opcode \(frame.opcode)")
+        }
+    }
+
+    private func receiveClose(_ payload: ByteBuffer) throws(ProtocolFailure) {
+        var payload = payload
+        var code: UInt16 = 1005
+        var reason = ""
+        if payload.readableBytes == 1 {
+            throw ProtocolFailure(code: ProtocolFailure.protocolError, reason: "close frame with a 1-byte payload")
+        }
+        if let sent = payload.readInteger(as: UInt16.self) {
+            guard Self.isValidCloseCode(sent) else {
+                throw ProtocolFailure(code: ProtocolFailure.protocolError, reason: "invalid close code \(sent)")
+            }
+            code = sent
+            var utf8 = UTF8Validator()
+            let valid = payload.withUnsafeReadableBytes { utf8.validate($0) } && utf8.isComplete
+            guard valid else {
+                throw ProtocolFailure(code: ProtocolFailure.invalidData, reason: "close reason is not valid UTF-8")
+            }
+            reason = payload.readString(length: payload.readableBytes) ?? ""
+        }
+        clientClose = (code, reason)
+        switch state {
+        case .open:
+            // Echo the code (none if the client sent none), then close the TCP connection.
+            state = .closing
+            var reply = context!.channel.allocator.buffer(capacity: 2)
+            if code != 1005 { reply.writeInteger(code) }
+            writeCloseAndShutdown(reply)
+        case .closing:
+            // The answer to our close frame: the handshake is complete.
+            state = .closed
+            closeTimeout?.cancel()
+            context?.close(promise: nil)
+        case .closed:
+            break
+        }
+    }
+
+    /// Codes a peer may send in a close frame (RFC 6455 §7.4, IANA registry).
+    static func isValidCloseCode(_ code: UInt16) -> Bool {
+        switch code {
+        case 1000...1003, 1007...1014, 3000...4999: return true
+        default: return false
+        }
+    }
+
+    /// Fails the connection: a close frame with the failure's code, then the TCP connection closes.
+    private func fail(_ failure: ProtocolFailure) {
+        loop.logger.debug("connection \(id) failed: \(failure.code) \(failure.reason)")
+        guard state == .open, let context else {
+            state = .closed
+            context?.close(promise: nil)
+            return
+        }
+        state = .closing
+        writeCloseAndShutdown(Self.closePayload(code: failure.code, reason: "", allocator: context.channel.allocator))
+    }
+
+    private func writeCloseAndShutdown(_ payload: ByteBuffer) {
+        guard let context else { return }
+        state = .closed
+        let loopContext = context.loopBound
+        context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .connectionClose, data: payload)))
+            .whenComplete { _ in loopContext.value.close(promise: nil) }
+    }
+
+    private static func closePayload(code: UInt16, reason: String, allocator: ByteBufferAllocator) -> ByteBuffer {
+        var buffer = allocator.buffer(capacity: 2 + reason.utf8.count)
+        buffer.writeInteger(code)
+        buffer.writeString(reason)
+        return buffer
+    }
+
+    // MARK: what the application asks for
+
+    func send(_ data: ByteBuffer, binary: Bool) -> Bool {
+        guard state == .open, context != nil else { return false }
+        write(WebSocketFrame(fin: true, opcode: binary ? .binary : .text, data: data))
+        if dispatching { needsFlush = true } else { context?.flush() }
+        return true
+    }
+
+    func startClose(code: UInt16, reason: String) -> Bool {
+        guard state == .open, let context else { return false }
+        state = .closing
+        var reasonBytes = reason
+        while reasonBytes.utf8.count > 123 { reasonBytes.removeLast() }
+        let payload = Self.closePayload(code: code, reason: reasonBytes, allocator: context.channel.allocator)
+        context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .connectionClose, data: payload)), promise: nil)
+        let loopContext = context.loopBound
+        closeTimeout = context.eventLoop.assumeIsolated().scheduleTask(in: configuration.closeTimeout) {
+            loopContext.value.close(promise: nil)
+        }
+        return true
+    }
+
+    func setIdleTimers(_ intervals: [TimeAmount]) {
+        guard let context else { return }
+        let now = NIODeadline.now()
+        var timers: [IdleTimer] = []
+        for (index, interval) in intervals.enumerated() {
+            idleTimers.indices.contains(index) ? idleTimers[index].task?.cancel() : ()
+            let anchor = idleTimers.indices.contains(index) ? idleTimers[index].anchor : now
+            timers.append(IdleTimer(interval: interval, anchor: anchor, task: nil))
+        }
+        for index in timers.count..<max(timers.count, idleTimers.count) { idleTimers[index].task?.cancel() }
+        idleTimers = timers
+        for index in idleTimers.indices { schedule(timer: index, context: context) }
+    }
+
+    // MARK: idle timers
+
+    /// The wait of timer `index` ends `interval` after the later of its anchor and the last message.
+    private func schedule(timer index: Int, context: ChannelHandlerContext) {
+        let timer = idleTimers[index]
+        let due = max(timer.anchor, lastMessage) + timer.interval
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        idleTimers[index].task = context.eventLoop.assumeIsolated().scheduleTask(deadline: due) {
+            handler.value.idleTimerFired(index)
+        }
+    }
+
+    /// Messages do not cancel the timer (that would cost a reschedule per message): when it fires
+    /// early because a message moved the deadline, it just waits for the rest.
+    private func idleTimerFired(_ index: Int) {
+        guard state == .open, let context, idleTimers.indices.contains(index) else { return }
+        let now = NIODeadline.now()
+        let due = max(idleTimers[index].anchor, lastMessage) + idleTimers[index].interval
+        if due <= now {
+            idleTimers[index].anchor = now
+            dispatch { $0.idle(connection, timer: index) }
+        }
+        if state == .open, idleTimers.indices.contains(index) { schedule(timer: index, context: context) }
+    }
+
+    /// Completes when the channel has closed.
+    var closeFuture: EventLoopFuture<Void> {
+        context?.channel.closeFuture ?? loopEventLoop.makeSucceededVoidFuture()
+    }
+
+    /// Closes the TCP connection without a handshake (one is already under way or done).
+    func closeNow() {
+        context?.close(promise: nil)
+    }
+
+    // MARK: helpers
+
+    private func write(_ frame: WebSocketFrame) {
+        context?.write(wrapOutboundOut(frame), promise: nil)
+    }
+
+    private func flushIfNeeded() {
+        if needsFlush {
+            needsFlush = false
+            context?.flush()
+        }
+    }
+
+    /// Calls the application with writes batched; a nested call (the application sending to
+    /// this connection from its own callback) just joins the batch.
+    private func dispatch(_ body: (WebSocketApplication) -> Void) {
+        let outer = !dispatching
+        dispatching = true
+        body(loop.application)
+        if outer {
+            dispatching = false
+            if !reading { flushIfNeeded() }
+        }
+    }
+
+    /// Runs once, when the channel goes away: timers stop and the application hears `closed`.
+    private func finish() {
+        guard loop.connections.removeValue(forKey: id) != nil else { return }
+        state = .closed
+        closeTimeout?.cancel()
+        for timer in idleTimers { timer.task?.cancel() }
+        idleTimers = []
+        let code = clientClose?.code ?? 1006
+        let reason = clientClose?.reason ?? ""
+        let connection = self.connection!
+        let application = loop.application
+        if dispatching {
+            // Never re-enter the application from inside its own call.
+            context?.eventLoop.assumeIsolated().execute { application.closed(connection, code: code, reason: reason) }
+        } else {
+            application.closed(connection, code: code, reason: reason)
+        }
+    }
+}

@@ -1,0 +1,159 @@
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import NIOWebSocket
+
+/// Answers the HTTP requests that are not WebSocket upgrades: files from the public folder
+/// (`/` is `index.html`), 426 for plain requests to a WebSocket path, 400 for a broken handshake,
+/// 404 and 405 otherwise. Never serves anything outside the public folder.
+final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let configuration: ServerConfiguration
+    private let files: StaticFiles?
+    private var head: HTTPRequestHead?
+
+    init(configuration: ServerConfiguration, files: StaticFiles?) {
+        self.configuration = configuration
+        self.files = files
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            self.head = head
+        case .body:
+            break
+        case .end:
+            guard let head else { return }
+            self.head = nil
+            respond(to: head, context: context)
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        // A refused upgrade reaches us as an error and then as the plain request, which
+        // `respond` answers; anything else ends the connection.
+        if error is NIOWebSocketUpgradeError { return }
+        context.close(promise: nil)
+    }
+
+    private func respond(to head: HTTPRequestHead, context: ChannelHandlerContext) {
+        let path = String(head.uri.prefix { $0 != "?" && $0 != "#" })
+        if configuration.webSocketPaths.contains(path) {
+            let version = head.headers["Sec-WebSocket-Version"].first
+            if head.method != .GET {
+                send(.methodNotAllowed, "WebSocket endpoint: use GET with an upgrade\n", extra: [("Allow", "GET")], head: head, context: context)
+            } else if version != nil && version != "13" {
+                send(.upgradeRequired, "Unsupported WebSocket version: this server speaks 13\n",
+                     extra: [("Sec-WebSocket-Version", "13"), ("Upgrade", "websocket")], head: head, context: context)
+            } else if head.headers["Upgrade"].contains(where: { $0.lowercased().contains("websocket") }) {
+                send(.badRequest, "Invalid WebSocket handshake (Sec-WebSocket-Key missing or malformed?)\n",
+                     extra: [("Sec-WebSocket-Version", "13")], head: head, context: context)
+            } else {
+                send(.upgradeRequired, "This is a WebSocket endpoint: connect with a WebSocket client\n",
+                     extra: [("Sec-WebSocket-Version", "13"), ("Upgrade", "websocket")], head: head, context: context)
+            }
+            return
+        }
+        guard head.method == .GET || head.method == .HEAD else {
+            send(.methodNotAllowed, "Method not allowed\n", extra: [("Allow", "GET, HEAD")], head: head, context: context)
+            return
+        }
+        guard let files, let file = files.resolve(path) else {
+            send(.notFound, "Not found\n", head: head, context: context)
+            return
+        }
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        files.read(file, on: context.eventLoop).whenComplete { result in
+            let (handler, context) = loopBound.value
+            switch result {
+            case .success(let body):
+                handler.send(.ok, body: body, contentType: StaticFiles.contentType(of: file), head: head, context: context)
+            case .failure:
+                handler.send(.notFound, "Not found\n", head: head, context: context)
+            }
+        }
+    }
+
+    private func send(_ status: HTTPResponseStatus, _ text: String, extra: [(String, String)] = [], head: HTTPRequestHead, context: ChannelHandlerContext) {
+        var body = context.channel.allocator.buffer(capacity: text.utf8.count)
+        body.writeString(text)
+        send(status, body: body, contentType: "text/plain; charset=utf-8", extra: extra, head: head, context: context)
+    }
+
+    private func send(_ status: HTTPResponseStatus, body: ByteBuffer, contentType: String, extra: [(String, String)] = [], head: HTTPRequestHead, context: ChannelHandlerContext) {
+        var headers = HTTPHeaders([("Content-Type", contentType), ("Content-Length", String(body.readableBytes))])
+        headers.add(contentsOf: extra)
+        headers.add(name: "X-Content-Type-Options", value: "nosniff")
+        let keepAlive = head.isKeepAlive
+        if !keepAlive { headers.add(name: "Connection", value: "close") }
+        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))), promise: nil)
+        if head.method != .HEAD { context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil) }
+        let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))
+        if !keepAlive {
+            let loopContext = context.loopBound
+            done.whenComplete { _ in loopContext.value.close(promise: nil) }
+        }
+    }
+}
+
+/// The public folder: maps request paths to files inside it and reads them off the event loop.
+final class StaticFiles: Sendable {
+    let root: String
+    private let threadPool: NIOThreadPool
+    static let maxFileSize = 32 << 20
+
+    init(root: String, threadPool: NIOThreadPool) {
+        self.root = URL(fileURLWithPath: root).standardizedFileURL.resolvingSymlinksInPath().path
+        self.threadPool = threadPool
+    }
+
+    /// The file for a request path, or nil if it is not a regular file inside the folder.
+    /// `..` segments are refused outright; symbolic links must resolve inside the folder too.
+    func resolve(_ requestPath: String) -> String? {
+        guard let decoded = requestPath.removingPercentEncoding, !decoded.contains("\0"), !decoded.contains("\\") else { return nil }
+        var segments: [Substring] = []
+        for segment in decoded.split(separator: "/", omittingEmptySubsequences: true) {
+            if segment == ".." { return nil }
+            if segment == "." { continue }
+            segments.append(segment)
+        }
+        var relative = segments.joined(separator: "/")
+        if relative.isEmpty || decoded.hasSuffix("/") { relative += relative.isEmpty ? "index.html" : "/index.html" }
+        let candidate = URL(fileURLWithPath: root).appendingPathComponent(relative).resolvingSymlinksInPath().path
+        guard candidate.hasPrefix(root + "/") else { return nil }
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: candidate, isDirectory: &isDirectory), !isDirectory.boolValue else { return nil }
+        return candidate
+    }
+
+    func read(_ path: String, on eventLoop: EventLoop) -> EventLoopFuture<ByteBuffer> {
+        threadPool.runIfActive(eventLoop: eventLoop) {
+            let attributes = try FileManager.default.attributesOfItem(atPath: path)
+            if let size = attributes[.size] as? Int, size > Self.maxFileSize { throw CocoaError(.fileReadTooLarge) }
+            guard let data = FileManager.default.contents(atPath: path) else { throw CocoaError(.fileReadNoSuchFile) }
+            return ByteBuffer(bytes: data)
+        }
+    }
+
+    static func contentType(of path: String) -> String {
+        switch (path as NSString).pathExtension.lowercased() {
+        case "html", "htm": return "text/html; charset=utf-8"
+        case "js", "mjs": return "text/javascript; charset=utf-8"
+        case "css": return "text/css; charset=utf-8"
+        case "json", "map": return "application/json"
+        case "txt": return "text/plain; charset=utf-8"
+        case "svg": return "image/svg+xml"
+        case "png": return "image/png"
+        case "jpg", "jpeg": return "image/jpeg"
+        case "gif": return "image/gif"
+        case "ico": return "image/x-icon"
+        case "webp": return "image/webp"
+        case "wasm": return "application/wasm"
+        default: return "application/octet-stream"
+        }
+    }
+}

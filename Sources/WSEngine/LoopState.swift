@@ -1,0 +1,25 @@
+import Logging
+import NIOCore
+
+/// What one event loop owns: its application instance and its open connections.
+/// Touched only on that loop (it is handed around inside `NIOLoopBound`).
+final class LoopState {
+    let application: WebSocketApplication
+    let logger: Logger
+    let eventLoop: EventLoop
+    var connections: [Int64: WebSocketConnectionHandler] = [:]
+    /// Connection ids are `loopIndex << 48 | counter`, unique across loops without atomics.
+    private var nextID: Int64
+
+    init(index: Int, eventLoop: EventLoop, application: WebSocketApplication, logger: Logger) {
+        self.eventLoop = eventLoop
+        self.application = application
+        self.logger = logger
+        self.nextID = Int64(index) << 48
+    }
+
+    func makeID() -> Int64 {
+        nextID += 1
+        return nextID
+    }
+}

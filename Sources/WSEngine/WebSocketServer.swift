@@ -1,0 +1,147 @@
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import NIOWebSocket
+
+/// The WebSocket server: binds, upgrades requests on the configured paths, serves the public
+/// folder, and hands each connection to the application instance of its event loop.
+public final class WebSocketServer: Sendable {
+    public typealias ApplicationFactory = @Sendable (_ loopIndex: Int, _ eventLoop: EventLoop) throws -> WebSocketApplication
+
+    private let configuration: ServerConfiguration
+    private let logger: Logger
+    private let group: MultiThreadedEventLoopGroup
+    private let threadPool: NIOThreadPool
+    private let loops: [ObjectIdentifier: NIOLoopBound<LoopState>]
+    private let serverChannel: Channel
+
+    /// The address the server is bound to (with the real port when 0 was asked for).
+    public var localAddress: SocketAddress? { serverChannel.localAddress }
+
+    /// Makes one application per event loop, on that loop, then binds.
+    public static func start(
+        configuration: ServerConfiguration,
+        logger: Logger,
+        makeApplication: @escaping ApplicationFactory
+    ) async throws -> WebSocketServer {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, configuration.eventLoops))
+        let threadPool = NIOThreadPool(numberOfThreads: 1)
+        threadPool.start()
+        do {
+            var loops: [ObjectIdentifier: NIOLoopBound<LoopState>] = [:]
+            for (index, loop) in group.makeIterator().enumerated() {
+                let state = try await loop.submit {
+                    NIOLoopBound(LoopState(index: index, eventLoop: loop, application: try makeApplication(index, loop), logger: logger), eventLoop: loop)
+                }.get()
+                loops[ObjectIdentifier(loop)] = state
+            }
+            let channel = try await bind(configuration: configuration, group: group, loops: loops, threadPool: threadPool, logger: logger)
+            return WebSocketServer(configuration: configuration, logger: logger, group: group, threadPool: threadPool, loops: loops, serverChannel: channel)
+        } catch {
+            try? await group.shutdownGracefully()
+            try? await threadPool.shutdownGracefully()
+            throw error
+        }
+    }
+
+    private init(configuration: ServerConfiguration, logger: Logger, group: MultiThreadedEventLoopGroup, threadPool: NIOThreadPool, loops: [ObjectIdentifier: NIOLoopBound<LoopState>], serverChannel: Channel) {
+        self.configuration = configuration
+        self.logger = logger
+        self.group = group
+        self.threadPool = threadPool
+        self.loops = loops
+        self.serverChannel = serverChannel
+    }
+
+    private static func bind(
+        configuration: ServerConfiguration,
+        group: MultiThreadedEventLoopGroup,
+        loops: [ObjectIdentifier: NIOLoopBound<LoopState>],
+        threadPool: NIOThreadPool,
+        logger: Logger
+    ) async throws -> Channel {
+        let files = configuration.publicDirectory.map { StaticFiles(root: $0, threadPool: threadPool) }
+        let paths = configuration.webSocketPaths
+        let upgrader = NIOWebSocketServerUpgrader(
+            maxFrameSize: configuration.maxFrameSize,
+            automaticErrorHandling: true,
+            shouldUpgrade: { channel, head in
+                let path = String(head.uri.prefix { $0 != "?" && $0 != "#" })
+                return channel.eventLoop.makeSucceededFuture(paths.contains(path) ? HTTPHeaders() : nil)
+            },
+            upgradePipelineHandler: { channel, head in
+                channel.eventLoop.makeCompletedFuture {
+                    let loop = loops[ObjectIdentifier(channel.eventLoop)]!.value
+                    let request = WebSocketRequest(head: head, remoteAddress: channel.remoteAddress)
+                    let handler = WebSocketConnectionHandler(id: loop.makeID(), request: request, loop: loop, configuration: configuration)
+                    try channel.pipeline.syncOperations.addHandler(handler)
+                }
+            }
+        )
+        return try await ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 1024)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let http = HTTPHandler(configuration: configuration, files: files)
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(
+                        withServerUpgrade: (upgraders: [upgrader], completionHandler: { context in
+                            context.pipeline.syncOperations.removeHandler(name: "luaws.http", promise: nil)
+                        }),
+                        withErrorHandling: true
+                    )
+                    try channel.pipeline.syncOperations.addHandler(http, name: "luaws.http")
+                }
+            }
+            .bind(host: configuration.host, port: configuration.port)
+            .get()
+    }
+
+    /// Stops accepting, closes every connection with `code` (1001, going away, by default),
+    /// waits up to `grace` for the closing handshakes, then stops the event loops.
+    public func shutdown(code: UInt16 = 1001, reason: String = "server shutting down", grace: TimeAmount = .seconds(2)) async {
+        try? await serverChannel.close()
+        var closing: [EventLoopFuture<Void>] = []
+        for loop in group.makeIterator() {
+            guard let state = loops[ObjectIdentifier(loop)] else { continue }
+            let done = loop.submit { () -> [EventLoopFuture<Void>] in
+                state.value.connections.values.map { handler in
+                    let closed = handler.closeFuture
+                    if handler.connection.close(code: code, reason: reason) == false { handler.closeNow() }
+                    return closed
+                }
+            }.flatMap { EventLoopFuture.andAllComplete($0, on: loop) }
+            closing.append(done)
+        }
+        let all = EventLoopFuture.andAllComplete(closing, on: group.next())
+        let timeout = group.next().scheduleTask(in: grace) {}
+        _ = try? await all.or(timeout.futureResult).get()
+        try? await group.shutdownGracefully()
+        try? await threadPool.shutdownGracefully()
+    }
+}
+
+extension WebSocketRequest {
+    init(head: HTTPRequestHead, remoteAddress: SocketAddress?) {
+        let uri = head.uri
+        let pathEnd = uri.firstIndex { $0 == "?" || $0 == "#" } ?? uri.endIndex
+        var query = ""
+        if pathEnd < uri.endIndex, uri[pathEnd] == "?" {
+            query = String(uri[uri.index(after: pathEnd)...].prefix { $0 != "#" })
+        }
+        self.init(path: String(uri[..<pathEnd]), query: query, headers: head.headers, remoteAddress: remoteAddress?.description)
+    }
+}
+
+extension EventLoopFuture where Value == Void {
+    /// Completes when either completes.
+    fileprivate func or(_ other: EventLoopFuture<Void>) -> EventLoopFuture<Void> {
+        let promise = eventLoop.makePromise(of: Void.self)
+        self.whenComplete { _ in promise.succeed() }
+        other.whenComplete { _ in promise.succeed() }
+        return promise.futureResult
+    }
+}

@@ -1,0 +1,54 @@
+import NIOCore
+import ScriptHost
+import WSEngine
+
+/// Wires one event loop's engine events to that loop's Lua plugins.
+final class LuaApplication: WebSocketApplication {
+    let plugins: PluginHost
+
+    init(plugins: PluginHost) {
+        self.plugins = plugins
+    }
+
+    func opened(_ connection: WebSocketConnection) {
+        let request = connection.request
+        plugins.open(
+            EngineConnection(connection),
+            id: connection.id,
+            request: ScriptRequest(path: request.path, query: request.query, headers: request.headers.map { ($0.name, $0.value) })
+        )
+    }
+
+    func received(_ message: WebSocketMessage, on connection: WebSocketConnection) {
+        plugins.message(id: connection.id, data: message.data, binary: message.kind == .binary)
+    }
+
+    func idle(_ connection: WebSocketConnection, timer: Int) {
+        plugins.idle(id: connection.id, timer: timer)
+    }
+
+    func closed(_ connection: WebSocketConnection, code: UInt16, reason: String) {
+        plugins.closed(id: connection.id, code: code, reason: reason)
+    }
+}
+
+/// The engine's connection as ScriptHost sees it.
+final class EngineConnection: ScriptConnection {
+    private let connection: WebSocketConnection
+
+    init(_ connection: WebSocketConnection) {
+        self.connection = connection
+    }
+
+    func send(_ data: ByteBuffer, binary: Bool) -> Bool {
+        connection.send(data, binary: binary)
+    }
+
+    func close(code: UInt16, reason: String) -> Bool {
+        connection.close(code: code, reason: reason)
+    }
+
+    func setIdleTimers(_ seconds: [Double]) {
+        connection.setIdleTimers(seconds.map { .nanoseconds(Int64(($0 * 1e9).rounded())) })
+    }
+}

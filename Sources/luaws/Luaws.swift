@@ -1,0 +1,153 @@
+import ArgumentParser
+import Dispatch
+import Foundation
+import Logging
+import ScriptHost
+import WSEngine
+
+@main
+struct Luaws: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "luaws",
+        abstract: "A WebSocket server whose behaviour is written in Lua.",
+        subcommands: [Serve.self],
+        defaultSubcommand: Serve.self
+    )
+}
+
+extension Logger.Level: @retroactive ExpressibleByArgument {}
+
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Serve WebSockets with the Lua plugins of a scripts folder (the default command).")
+
+    @Option(help: "Address to listen on.")
+    var host = "127.0.0.1"
+
+    @Option(help: "Port to listen on (0 picks a free one and prints it).")
+    var port = 8000
+
+    @Option(help: "Plugins: a folder of *.lua files (loaded in name order) or one .lua file.")
+    var scripts = "./scripts"
+
+    @Option(name: .customLong("public"), help: "Folder served over HTTP (/ is index.html).")
+    var publicDirectory = "./public"
+
+    @Option(name: .customLong("ws-path"), help: "Path that upgrades to a WebSocket (repeatable).")
+    var webSocketPaths: [String] = ["/ws"]
+
+    @Option(name: .customLong("var"), help: "NAME=VALUE made available to scripts as luaws.var(NAME) (repeatable).")
+    var vars: [String] = []
+
+    @Option(help: "Event loops (threads), each with its own Lua state. Default: one per core.")
+    var threads: Int?
+
+    @Option(help: "Lua VM instructions one hook call may run before it is stopped (0 = no limit).")
+    var instructionBudget = ScriptLimits().instructionBudget
+
+    @Option(help: "Memory cap of each Lua state, in MiB (0 = no limit).")
+    var luaMemoryMb = ScriptLimits().memoryLimit >> 20
+
+    @Option(help: "Largest message accepted, in bytes (larger: closed with 1009).")
+    var maxMessageSize = ServerConfiguration().maxMessageSize
+
+    @Option(help: "trace, debug, info, notice, warning, error or critical.")
+    var logLevel: Logger.Level = .info
+
+    func validate() throws {
+        for item in vars where !item.contains("=") {
+            throw ValidationError("--var takes NAME=VALUE, got '\(item)'")
+        }
+        for path in webSocketPaths where !path.hasPrefix("/") {
+            throw ValidationError("--ws-path must start with /, got '\(path)'")
+        }
+    }
+
+    func run() async throws {
+        let level = logLevel
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let logger = Logger(label: "luaws")
+
+        let plugins: PluginSet
+        do {
+            plugins = try PluginSet.read(from: scripts)
+        } catch {
+            logger.critical("cannot read scripts: \(error)")
+            throw ExitCode(1)
+        }
+        var scriptVars: [String: String] = [:]
+        for item in vars {
+            let parts = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            scriptVars[String(parts[0])] = String(parts[1])
+        }
+        let pluginVars = scriptVars
+        let limits = ScriptLimits(instructionBudget: instructionBudget, memoryLimit: luaMemoryMb << 20)
+
+        var configuration = ServerConfiguration()
+        configuration.host = host
+        configuration.port = port
+        configuration.webSocketPaths = Set(webSocketPaths)
+        configuration.maxMessageSize = maxMessageSize
+        configuration.maxFrameSize = maxMessageSize
+        if let threads { configuration.eventLoops = threads }
+        var isDirectory: ObjCBool = false
+        if FileManager.default.fileExists(atPath: publicDirectory, isDirectory: &isDirectory), isDirectory.boolValue {
+            configuration.publicDirectory = publicDirectory
+        } else {
+            logger.warning("public folder \(publicDirectory) not found: serving no page")
+        }
+
+        let server: WebSocketServer
+        do {
+            server = try await WebSocketServer.start(configuration: configuration, logger: logger) { _, _ in
+                LuaApplication(plugins: try PluginHost(plugins: plugins, vars: pluginVars, limits: limits, logger: logger))
+            }
+        } catch let error as PluginLoadError {
+            logger.critical("scripts did not load: \(error.message)")
+            throw ExitCode(1)
+        }
+        let names = plugins.plugins.map(\.name).joined(separator: ", ")
+        let port = server.localAddress?.port ?? port
+        logger.info("plugins: \(names.isEmpty ? "(none)" : names)")
+        // The first line on stdout says where to connect; tests read the port from it.
+        let banner = "luaws listening on http://\(host):\(port) (WebSocket paths: \(webSocketPaths.joined(separator: " ")))\n"
+        FileHandle.standardOutput.write(Data(banner.utf8))
+
+        let signal = await Signals.next([SIGINT, SIGTERM])
+        logger.info("signal \(signal): closing every connection with 1001")
+        await server.shutdown(code: 1001)
+    }
+}
+
+/// Waits for the first of some signals, without letting them kill the process.
+enum Signals {
+    static func next(_ signals: [Int32]) async -> Int32 {
+        await withCheckedContinuation { continuation in
+            let queue = DispatchQueue(label: "luaws.signals")
+            let box = SignalSources()
+            queue.sync {
+                for number in signals {
+                    Foundation.signal(number, SIG_IGN)
+                    let source = DispatchSource.makeSignalSource(signal: number, queue: queue)
+                    source.setEventHandler {
+                        guard !box.fired else { return }
+                        box.fired = true
+                        box.sources.forEach { $0.cancel() }
+                        continuation.resume(returning: number)
+                    }
+                    source.resume()
+                    box.sources.append(source)
+                }
+            }
+        }
+    }
+
+    /// Touched only on the signal queue.
+    private final class SignalSources: @unchecked Sendable {
+        var sources: [DispatchSourceSignal] = []
+        var fired = false
+    }
+}
