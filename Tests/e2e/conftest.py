@@ -1,0 +1,81 @@
+"""End-to-end fixtures: start the real luaws binary on an ephemeral loopback port."""
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BINARY = Path(os.environ.get("LUAWS_BIN", ROOT / ".build" / "debug" / "luaws"))
+
+
+class Server:
+    """A running luaws process. `stderr` collects its log lines as they come."""
+
+    def __init__(self, args, cwd=ROOT):
+        self.proc = subprocess.Popen(
+            [str(BINARY), "--host", "127.0.0.1", "--port", "0", *args],
+            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self._stderr = []
+        threading.Thread(target=self._drain, daemon=True).start()
+        line = self.proc.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        if not match:
+            self.proc.kill()
+            raise RuntimeError(f"luaws did not start: {line!r} {self.stderr}")
+        self.port = int(match.group(1))
+        self.url = f"ws://127.0.0.1:{self.port}/ws"
+        self.http = f"http://127.0.0.1:{self.port}"
+
+    def _drain(self):
+        for line in self.proc.stderr:
+            self._stderr.append(line)
+
+    @property
+    def stderr(self):
+        return "".join(self._stderr)
+
+    def wait_for_log(self, pattern, timeout=5):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if re.search(pattern, self.stderr):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self, sig=signal.SIGTERM, timeout=10):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_server():
+    """start_server(*args) -> Server; every server started is stopped after the test."""
+    started = []
+
+    def start(*args, cwd=ROOT):
+        server = Server(list(args), cwd=cwd)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def server(start_server):
+    """The default scripts and page, with the idle push shortened to 0.5 s."""
+    return start_server("--scripts", str(ROOT / "scripts"), "--public", str(ROOT / "public"),
+                        "--var", "time_interval=0.5")

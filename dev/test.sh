@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Sets up what is missing, then runs every test: Swift unit tests, then the end-to-end tests
+# (the built binary on ephemeral loopback ports, Python's websockets, raw sockets, Chromium).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash dev/setup.sh --test
+swift build --build-tests
+swift test --skip-build
+LUAWS_BIN="$PWD/.build/debug/luaws" python3 -m pytest -q Tests/e2e "$@"
