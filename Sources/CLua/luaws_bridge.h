@@ -28,8 +28,52 @@
 #include <string.h>
 #include <time.h>
 #include <sys/time.h>
+#include <math.h>
 
 #define LUAWS_ERR_MAX 2048
+
+enum { LUAWS_ARG_NIL, LUAWS_ARG_INT, LUAWS_ARG_NUM, LUAWS_ARG_STR, LUAWS_ARG_REF, LUAWS_ARG_BOOL };
+
+typedef struct luaws_arg {
+    int type;
+    lua_Integer i;       /* INT, REF (a registry reference), BOOL */
+    lua_Number n;        /* NUM */
+    const char *s;       /* STR: bytes, not necessarily NUL-terminated */
+    size_t len;
+} luaws_arg;
+
+/* A value Swift hands back to Lua. A string is malloc'ed by Swift and freed by C. */
+enum { LUAWS_REPLY_NIL, LUAWS_REPLY_BOOL, LUAWS_REPLY_NUM, LUAWS_REPLY_STR, LUAWS_REPLY_ERROR, LUAWS_REPLY_INT };
+
+typedef struct luaws_reply {
+    int type;
+    int boolean;
+    lua_Number number;
+    lua_Integer integer;
+    char *str;           /* STR and ERROR: malloc'ed, owned by C once returned */
+    size_t len;
+} luaws_reply;
+
+/* A JSON value flattened in pre-order: an array or object node is followed by its `count`
+ * children (for an object: key, value, key, value ...). Strings point into memory the
+ * producer keeps alive until the consumer returns. */
+enum { LUAWS_JSON_NULL, LUAWS_JSON_FALSE, LUAWS_JSON_TRUE, LUAWS_JSON_NUMBER, LUAWS_JSON_INTEGER, LUAWS_JSON_STRING, LUAWS_JSON_ARRAY, LUAWS_JSON_OBJECT };
+
+typedef struct luaws_json_node {
+    int type;
+    lua_Number number;
+    lua_Integer integer;
+    const char *str;
+    size_t len;
+    size_t count;        /* ARRAY: elements; OBJECT: key/value pairs */
+} luaws_json_node;
+
+/* What json_decode produces: nodes and the string arena, both malloc'ed by Swift, freed by C. */
+typedef struct luaws_json_doc {
+    luaws_json_node *nodes;
+    size_t count;
+    char *arena;
+} luaws_json_doc;
 
 /* What Swift hands to C for one Lua state. Lives as long as the state. */
 typedef struct luaws_host {
@@ -44,6 +88,11 @@ typedef struct luaws_host {
     int (*send)(void *swift, lua_Integer conn, const char *data, size_t len, int binary);
     int (*close)(void *swift, lua_Integer conn, lua_Integer code, const char *reason, size_t len);
     void (*log)(void *swift, int level, const char *msg, size_t len);
+    /* Everything else scripts ask of Swift: see luaws_core_command. */
+    void (*command)(void *swift, int op, const struct luaws_arg *args, int nargs, struct luaws_reply *reply);
+    /* JSON through Foundation: encode gets the flattened value, decode returns one. */
+    void (*json_encode)(void *swift, const struct luaws_json_node *nodes, size_t count, struct luaws_reply *reply);
+    void (*json_decode)(void *swift, const char *text, size_t len, struct luaws_json_doc *doc, struct luaws_reply *reply);
 } luaws_host;
 
 /* ---------- memory ---------- */
@@ -150,6 +199,256 @@ static int luaws_core_budget_hit(lua_State *L) {
     return 1;
 }
 
+/* Pushes a reply; frees its string. Raises for LUAWS_REPLY_ERROR. */
+static int luaws_push_reply(lua_State *L, luaws_reply *r) {
+    switch (r->type) {
+    case LUAWS_REPLY_BOOL: lua_pushboolean(L, r->boolean); break;
+    case LUAWS_REPLY_NUM: lua_pushnumber(L, r->number); break;
+    case LUAWS_REPLY_INT: lua_pushinteger(L, r->integer); break;
+    case LUAWS_REPLY_STR:
+    case LUAWS_REPLY_ERROR: {
+        /* Copy into Lua before raising or returning; the pushes may fail with a memory
+         * error, so the malloc'ed string is parked in a to-be-closed slot first. */
+        char *str = r->str;
+        size_t len = r->len;
+        r->str = NULL;
+        void **box = (void **)lua_newuserdatauv(L, sizeof(void *), 0);
+        *box = str;
+        luaL_setmetatable(L, "luaws.malloc");
+        lua_toclose(L, -1);
+        if (r->type == LUAWS_REPLY_ERROR) {
+            luaL_where(L, 1);   /* the caller's file:line, as luaL_error gives */
+            lua_pushlstring(L, str ? str : "", len);
+            lua_concat(L, 2);
+            return lua_error(L);
+        }
+        lua_pushlstring(L, str ? str : "", len);
+        break;
+    }
+    default: lua_pushnil(L); break;
+    }
+    return 1;
+}
+
+static int luaws_free_box(lua_State *L) {
+    void **box = (void **)luaL_checkudata(L, 1, "luaws.malloc");
+    free(*box);
+    *box = NULL;
+    return 0;
+}
+
+#define LUAWS_MAX_COMMAND_ARGS 8
+
+/* core.command(op, ...): numbers, strings, booleans and nils go to Swift's command callback. */
+static int luaws_core_command(lua_State *L) {
+    luaws_host *h = luaws_host_of(L);
+    int op = (int)luaL_checkinteger(L, 1);
+    int nargs = lua_gettop(L) - 1;
+    if (nargs > LUAWS_MAX_COMMAND_ARGS) return luaL_error(L, "too many arguments");
+    luaws_arg args[LUAWS_MAX_COMMAND_ARGS];
+    for (int k = 0; k < nargs; k++) {
+        int idx = k + 2;
+        luaws_arg *a = &args[k];
+        memset(a, 0, sizeof *a);
+        switch (lua_type(L, idx)) {
+        case LUA_TNIL: a->type = LUAWS_ARG_NIL; break;
+        case LUA_TBOOLEAN: a->type = LUAWS_ARG_BOOL; a->i = lua_toboolean(L, idx); break;
+        case LUA_TNUMBER:
+            if (lua_isinteger(L, idx)) { a->type = LUAWS_ARG_INT; a->i = lua_tointeger(L, idx); }
+            else { a->type = LUAWS_ARG_NUM; a->n = lua_tonumber(L, idx); }
+            break;
+        case LUA_TSTRING: a->type = LUAWS_ARG_STR; a->s = lua_tolstring(L, idx, &a->len); break;
+        default: return luaL_argerror(L, idx, "expected a string, number, boolean or nil");
+        }
+    }
+    luaws_reply reply;
+    memset(&reply, 0, sizeof reply);
+    h->command(h->swift, op, args, nargs, &reply);
+    return luaws_push_reply(L, &reply);
+}
+
+/* ---------- JSON: Lua values <-> flattened nodes; Foundation does the text ---------- */
+
+typedef struct luaws_node_list {
+    luaws_json_node *nodes;
+    size_t count, capacity;
+} luaws_node_list;
+
+static int luaws_free_nodes(lua_State *L) {
+    luaws_node_list *list = (luaws_node_list *)luaL_checkudata(L, 1, "luaws.nodes");
+    free(list->nodes);
+    list->nodes = NULL;
+    return 0;
+}
+
+static luaws_json_node *luaws_add_node(lua_State *L, luaws_node_list *list) {
+    if (list->count == list->capacity) {
+        size_t cap = list->capacity ? list->capacity * 2 : 64;
+        void *grown = realloc(list->nodes, cap * sizeof(luaws_json_node));
+        if (grown == NULL) luaL_error(L, "json.encode: out of memory");
+        list->nodes = (luaws_json_node *)grown;
+        list->capacity = cap;
+    }
+    luaws_json_node *n = &list->nodes[list->count++];
+    memset(n, 0, sizeof *n);
+    return n;
+}
+
+/* Flattens the value at `idx`. A table whose keys are exactly 1..n (n > 0) is an array;
+ * any other table is an object whose keys must be strings or numbers. */
+static void luaws_flatten(lua_State *L, int idx, luaws_node_list *list, int keep, int depth) {
+    idx = lua_absindex(L, idx);
+    if (depth > 64) luaL_error(L, "json.encode: nesting deeper than 64 (a cycle?)");
+    luaL_checkstack(L, 4, "json.encode: nesting too deep");
+    switch (lua_type(L, idx)) {
+    case LUA_TNIL: luaws_add_node(L, list)->type = LUAWS_JSON_NULL; return;
+    case LUA_TLIGHTUSERDATA:
+        if (lua_touserdata(L, idx) == NULL) { luaws_add_node(L, list)->type = LUAWS_JSON_NULL; return; }
+        break;
+    case LUA_TBOOLEAN:
+        luaws_add_node(L, list)->type = lua_toboolean(L, idx) ? LUAWS_JSON_TRUE : LUAWS_JSON_FALSE;
+        return;
+    case LUA_TNUMBER: {
+        luaws_json_node *n = luaws_add_node(L, list);
+        if (lua_isinteger(L, idx)) { n->type = LUAWS_JSON_INTEGER; n->integer = lua_tointeger(L, idx); }
+        else {
+            lua_Number v = lua_tonumber(L, idx);
+            if (v != v || v == HUGE_VAL || v == -HUGE_VAL) luaL_error(L, "json.encode: cannot encode NaN or infinity");
+            n->type = LUAWS_JSON_NUMBER; n->number = v;
+        }
+        return;
+    }
+    case LUA_TSTRING: {
+        luaws_json_node *n = luaws_add_node(L, list);
+        n->type = LUAWS_JSON_STRING;
+        n->str = lua_tolstring(L, idx, &n->len);
+        return;
+    }
+    case LUA_TTABLE: {
+        size_t total = 0, maxn = 0;
+        int sequence = 1;
+        lua_pushnil(L);
+        while (lua_next(L, idx)) {
+            total++;
+            if (lua_isinteger(L, -2) && lua_tointeger(L, -2) >= 1) {
+                lua_Integer k = lua_tointeger(L, -2);
+                if ((size_t)k > maxn) maxn = (size_t)k;
+            } else {
+                sequence = 0;
+            }
+            lua_pop(L, 1);
+        }
+        size_t self = list->count;
+        luaws_add_node(L, list);
+        if (sequence && total > 0 && maxn == total) {
+            list->nodes[self].type = LUAWS_JSON_ARRAY;
+            list->nodes[self].count = total;
+            for (size_t i = 1; i <= total; i++) {
+                lua_rawgeti(L, idx, (lua_Integer)i);
+                luaws_flatten(L, -1, list, keep, depth + 1);
+                lua_pop(L, 1);
+            }
+            return;
+        }
+        list->nodes[self].type = LUAWS_JSON_OBJECT;
+        list->nodes[self].count = total;
+        lua_pushnil(L);
+        while (lua_next(L, idx)) {
+            int kt = lua_type(L, -2);
+            if (kt != LUA_TSTRING && kt != LUA_TNUMBER) luaL_error(L, "json.encode: object keys must be strings or numbers");
+            lua_pushvalue(L, -2);
+            luaws_json_node *key = luaws_add_node(L, list);
+            key->type = LUAWS_JSON_STRING;
+            key->str = lua_tolstring(L, -1, &key->len);   /* converts a copy of a number key */
+            /* keep the (possibly converted) key alive until the call ends */
+            lua_rawsetp(L, keep, key->str);
+            luaws_flatten(L, -1, list, keep, depth + 1);
+            lua_pop(L, 1);
+        }
+        return;
+    }
+    default: break;
+    }
+    luaL_error(L, "json.encode: cannot encode a %s", luaL_typename(L, idx));
+}
+
+static int luaws_core_json_encode(lua_State *L) {
+    luaws_host *h = luaws_host_of(L);
+    luaL_checkany(L, 1);
+    lua_settop(L, 1);
+    luaws_node_list *list = (luaws_node_list *)lua_newuserdatauv(L, sizeof(luaws_node_list), 0);
+    memset(list, 0, sizeof *list);
+    luaL_setmetatable(L, "luaws.nodes");
+    lua_toclose(L, 2);
+    lua_newtable(L);   /* 3: keeps converted keys alive */
+    luaws_flatten(L, 1, list, 3, 0);
+    luaws_reply reply;
+    memset(&reply, 0, sizeof reply);
+    h->json_encode(h->swift, list->nodes, list->count, &reply);
+    return luaws_push_reply(L, &reply);
+}
+
+/* Pushes the node at *at (and its children), advancing *at. */
+static void luaws_unflatten(lua_State *L, const luaws_json_doc *doc, size_t *at, int depth) {
+    if (*at >= doc->count) luaL_error(L, "json.decode: truncated document");
+    if (depth > 200) luaL_error(L, "json.decode: nesting deeper than 200");
+    luaL_checkstack(L, 3, "json.decode: nesting too deep");
+    const luaws_json_node *n = &doc->nodes[(*at)++];
+    switch (n->type) {
+    case LUAWS_JSON_NULL: lua_pushlightuserdata(L, NULL); break;
+    case LUAWS_JSON_FALSE: lua_pushboolean(L, 0); break;
+    case LUAWS_JSON_TRUE: lua_pushboolean(L, 1); break;
+    case LUAWS_JSON_INTEGER: lua_pushinteger(L, n->integer); break;
+    case LUAWS_JSON_NUMBER: lua_pushnumber(L, n->number); break;
+    case LUAWS_JSON_STRING: lua_pushlstring(L, n->str, n->len); break;
+    case LUAWS_JSON_ARRAY:
+        lua_createtable(L, n->count > 1000000 ? 0 : (int)n->count, 0);
+        for (size_t i = 1; i <= n->count; i++) {
+            luaws_unflatten(L, doc, at, depth + 1);
+            lua_rawseti(L, -2, (lua_Integer)i);
+        }
+        break;
+    case LUAWS_JSON_OBJECT:
+        lua_createtable(L, 0, n->count > 1000000 ? 0 : (int)n->count);
+        for (size_t i = 0; i < n->count; i++) {
+            luaws_unflatten(L, doc, at, depth + 1);
+            luaws_unflatten(L, doc, at, depth + 1);
+            lua_rawset(L, -3);
+        }
+        break;
+    default: luaL_error(L, "json.decode: bad node");
+    }
+}
+
+typedef struct luaws_doc_box { luaws_json_doc doc; } luaws_doc_box;
+
+static int luaws_free_doc(lua_State *L) {
+    luaws_doc_box *box = (luaws_doc_box *)luaL_checkudata(L, 1, "luaws.doc");
+    free(box->doc.nodes);
+    free(box->doc.arena);
+    box->doc.nodes = NULL;
+    box->doc.arena = NULL;
+    return 0;
+}
+
+static int luaws_core_json_decode(lua_State *L) {
+    luaws_host *h = luaws_host_of(L);
+    size_t len = 0;
+    const char *text = luaL_checklstring(L, 1, &len);
+    lua_settop(L, 1);
+    luaws_doc_box *box = (luaws_doc_box *)lua_newuserdatauv(L, sizeof(luaws_doc_box), 0);
+    memset(box, 0, sizeof *box);
+    luaL_setmetatable(L, "luaws.doc");
+    lua_toclose(L, 2);
+    luaws_reply reply;
+    memset(&reply, 0, sizeof reply);
+    h->json_decode(h->swift, text, len, &box->doc, &reply);
+    if (reply.type == LUAWS_REPLY_ERROR) return luaws_push_reply(L, &reply);
+    size_t at = 0;
+    luaws_unflatten(L, &box->doc, &at, 0);
+    return 1;
+}
+
 /* Message handler: the error with a traceback. Written in C so that it runs
  * even when the budget hook makes every Lua instruction fail. */
 static int luaws_msgh(lua_State *L) {
@@ -157,6 +456,20 @@ static int luaws_msgh(lua_State *L) {
     if (msg == NULL) {
         if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) return 1;
         msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+    }
+    /* An error raised inside the prelude (a bad argument to conn:close, say) is the script's
+     * doing: point at the script's line that called into the prelude. */
+    static const char prelude[] = "luaws-prelude:";
+    if (strncmp(msg, prelude, sizeof prelude - 1) == 0) {
+        const char *rest = strstr(msg + sizeof prelude - 1, ": ");
+        lua_Debug ar;
+        for (int level = 1; rest && lua_getstack(L, level, &ar); level++) {
+            if (!lua_getinfo(L, "Sl", &ar)) break;
+            if (ar.currentline > 0 && strcmp(ar.source, "=luaws-prelude") != 0) {
+                msg = lua_pushfstring(L, "%s:%d: %s", ar.short_src, ar.currentline, rest + 2);
+                break;
+            }
+        }
     }
     luaL_traceback(L, L, msg, 1);
     return 1;
@@ -171,22 +484,30 @@ static void luaws_push_core(lua_State *L) {
         {"now", luaws_core_now},
         {"budget_hit", luaws_core_budget_hit},
         {"traceback", luaws_msgh},
+        {"command", luaws_core_command},
+        {"json_encode", luaws_core_json_encode},
+        {"json_decode", luaws_core_json_decode},
         {NULL, NULL},
     };
+    /* Metatables that free C memory when a call ends, normally or by error. */
+    static const struct { const char *name; lua_CFunction fn; } closers[] = {
+        {"luaws.malloc", luaws_free_box}, {"luaws.nodes", luaws_free_nodes}, {"luaws.doc", luaws_free_doc},
+    };
+    for (size_t i = 0; i < sizeof closers / sizeof closers[0]; i++) {
+        luaL_newmetatable(L, closers[i].name);
+        lua_pushcfunction(L, closers[i].fn);
+        lua_setfield(L, -2, "__close");
+        lua_pushcfunction(L, closers[i].fn);
+        lua_setfield(L, -2, "__gc");
+        lua_pop(L, 1);
+    }
     luaL_newlib(L, core);
+    lua_pushlightuserdata(L, NULL);
+    lua_setfield(L, -2, "null");
 }
 
 /* ---------- protected calls from Swift ---------- */
 
-enum { LUAWS_ARG_NIL, LUAWS_ARG_INT, LUAWS_ARG_NUM, LUAWS_ARG_STR, LUAWS_ARG_REF, LUAWS_ARG_BOOL };
-
-typedef struct luaws_arg {
-    int type;
-    lua_Integer i;       /* INT, REF (a registry reference), BOOL */
-    lua_Number n;        /* NUM */
-    const char *s;       /* STR: bytes, not necessarily NUL-terminated */
-    size_t len;
-} luaws_arg;
 
 typedef struct luaws_result {
     int type;            /* the Lua type of the first result (LUA_TNIL if none) */

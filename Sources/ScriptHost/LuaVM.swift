@@ -35,12 +35,24 @@ enum LuaArg {
     case bytes(ByteBuffer)
 }
 
+/// A plain value crossing between Lua and Swift in `core.command`.
+enum LuaValue: Equatable {
+    case `nil`
+    case bool(Bool)
+    case integer(Int64)
+    case number(Double)
+    case string(String)
+    /// Only as a reply: raised in Lua as an error with this message.
+    case error(String)
+}
+
 /// What Lua code may ask of its owner (through the C core functions). Called on the thread
 /// that runs the VM, never re-entering Lua.
 protocol LuaVMDelegate: AnyObject {
     func luaSend(connection: Int64, bytes: UnsafeRawBufferPointer, binary: Bool) -> Bool
     func luaClose(connection: Int64, code: UInt16, reason: String) -> Bool
     func luaLog(level: Int32, message: String)
+    func luaCommand(_ op: Int32, _ args: [LuaValue]) -> LuaValue
 }
 
 /// One Lua state with the luaws prelude loaded, its memory cap and instruction budget.
@@ -76,6 +88,30 @@ final class LuaVM {
             vm.delegate?.luaLog(level: level, message: String(decoding: UnsafeRawBufferPointer(start: msg, count: len), as: UTF8.self))
         }
 
+        host.pointee.command = { swift, op, args, nargs, reply in
+            let vm = Unmanaged<LuaVM>.fromOpaque(swift!).takeUnretainedValue()
+            let values = UnsafeBufferPointer(start: args, count: Int(nargs)).map(LuaVM.value(of:))
+            LuaVM.fill(reply!, with: vm.delegate?.luaCommand(op, values) ?? .nil)
+        }
+        host.pointee.json_encode = { _, nodes, count, reply in
+            do {
+                LuaVM.fill(reply!, with: .string(try JSONBridge.encode(UnsafeBufferPointer(start: nodes, count: count))))
+            } catch let error as JSONBridge.Failure {
+                LuaVM.fill(reply!, with: .error(error.message))
+            } catch {
+                LuaVM.fill(reply!, with: .error("\(error)"))
+            }
+        }
+        host.pointee.json_decode = { _, text, len, doc, reply in
+            do {
+                try JSONBridge.decode(UnsafeRawBufferPointer(start: text, count: len), into: doc!)
+            } catch let error as JSONBridge.Failure {
+                LuaVM.fill(reply!, with: .error(error.message))
+            } catch {
+                LuaVM.fill(reply!, with: .error("\(error)"))
+            }
+        }
+
         var prelude = luaPrelude
         var ref: Int32 = LUA_NOREF
         let opened: OpaquePointer? = prelude.withUTF8 { src in
@@ -109,6 +145,37 @@ final class LuaVM {
         withUnsafeBytes(of: &host.pointee.error) { raw in
             let bytes = raw.prefix { $0 != 0 }
             return String(decoding: bytes, as: UTF8.self)
+        }
+    }
+
+    private static func value(of arg: luaws_arg) -> LuaValue {
+        switch Int(arg.type) {
+        case LUAWS_ARG_BOOL: return .bool(arg.i != 0)
+        case LUAWS_ARG_INT: return .integer(arg.i)
+        case LUAWS_ARG_NUM: return .number(arg.n)
+        case LUAWS_ARG_STR: return .string(String(decoding: UnsafeRawBufferPointer(start: arg.s, count: arg.len), as: UTF8.self))
+        default: return .nil
+        }
+    }
+
+    /// Writes a reply for C; a string is copied into malloc'ed memory that C frees.
+    private static func fill(_ reply: UnsafeMutablePointer<luaws_reply>, with value: LuaValue) {
+        func copy(_ s: String) {
+            var s = s
+            s.withUTF8 { utf8 in
+                let memory = malloc(max(utf8.count, 1))!
+                if let base = utf8.baseAddress { memcpy(memory, base, utf8.count) }
+                reply.pointee.str = memory.assumingMemoryBound(to: CChar.self)
+                reply.pointee.len = utf8.count
+            }
+        }
+        switch value {
+        case .nil: reply.pointee.type = Int32(LUAWS_REPLY_NIL)
+        case .bool(let b): reply.pointee.type = Int32(LUAWS_REPLY_BOOL); reply.pointee.boolean = b ? 1 : 0
+        case .integer(let i): reply.pointee.type = Int32(LUAWS_REPLY_INT); reply.pointee.integer = i
+        case .number(let n): reply.pointee.type = Int32(LUAWS_REPLY_NUM); reply.pointee.number = n
+        case .string(let s): reply.pointee.type = Int32(LUAWS_REPLY_STR); copy(s)
+        case .error(let s): reply.pointee.type = Int32(LUAWS_REPLY_ERROR); copy(s)
         }
     }
 

@@ -37,19 +37,34 @@ public final class PluginHost {
         var onMessage: Int32?
         var onClose: Int32?
         var onIdle: Int32?
+        var onReload: Int32?
         var idle: Double?
 
-        var refs: [Int32] { [onOpen, onMessage, onClose, onIdle].compactMap { $0 } }
+        var refs: [Int32] { [onOpen, onMessage, onClose, onIdle, onReload].compactMap { $0 } }
     }
 
     private struct Connection {
         let handle: ScriptConnection
         /// Registry reference of the Lua `conn` object.
         let ref: Int32
+        let path: String
+        var channels: Set<String> = []
+        var timers: Set<Int64> = []
+    }
+
+    /// `core.command` operations; the prelude has the same numbers (OP_*).
+    private enum Command: Int32 {
+        case timerStart = 1, timerCancel, subscribe, unsubscribe, publish, broadcast, sharedGet, sharedSet, sharedIncrement
     }
 
     private let vm: LuaVM
     private let logger: Logger
+    private let cluster: ScriptCluster?
+    private let eventLoop: EventLoop?
+    /// Connections subscribed to each channel.
+    private var subscribers: [String: Set<Int64>] = [:]
+    /// Scheduled Lua timers by id, with the connection that owns each (0: the plugin).
+    private var timers: [Int64: (task: Scheduled<Void>, connection: Int64)] = [:]
     private var plugins: [Plugin] = []
     private var setRef: Int32?
     /// Index into `plugins` of the plugin behind each idle timer.
@@ -61,7 +76,7 @@ public final class PluginHost {
     private var deferred: [Event] = []
 
     // Prelude functions, as registry references.
-    private let fnNewSet, fnAddPlugin, fnPluginCount, fnPluginField, fnNewConn: Int32
+    private let fnNewSet, fnAddPlugin, fnPluginField, fnNewConn, fnFireTimer, fnDropConn: Int32
 
     /// Script errors (of any hook or load) since start.
     public private(set) var errorCount = 0
@@ -70,14 +85,22 @@ public final class PluginHost {
     /// Bytes the Lua state holds now.
     public var memoryInUse: Int { vm.memoryInUse }
 
-    public init(plugins set: PluginSet, vars: [String: String] = [:], limits: ScriptLimits = .init(), logger: Logger) throws {
+    /// A host for one event loop. Without `eventLoop` (unit tests, `luaws check`) timers are
+    /// refused; without `cluster`, publish, broadcast and the shared store do nothing.
+    public init(
+        plugins set: PluginSet, vars: [String: String] = [:], limits: ScriptLimits = .init(), logger: Logger,
+        cluster: ScriptCluster? = nil, eventLoop: EventLoop? = nil
+    ) throws {
         self.logger = logger
+        self.cluster = cluster
+        self.eventLoop = eventLoop
         vm = try LuaVM(memoryLimit: limits.memoryLimit, instructionBudget: limits.instructionBudget)
         fnNewSet = try vm.apiFunction("new_set")
         fnAddPlugin = try vm.apiFunction("add_plugin")
-        fnPluginCount = try vm.apiFunction("plugin_count")
         fnPluginField = try vm.apiFunction("plugin_field")
         fnNewConn = try vm.apiFunction("new_conn")
+        fnFireTimer = try vm.apiFunction("fire_timer")
+        fnDropConn = try vm.apiFunction("drop_conn")
         let setVar = try vm.apiFunction("set_var")
         for (name, value) in vars.sorted(by: { $0.key < $1.key }) {
             try vm.call(setVar, [.string(name), .string(value)])
@@ -88,7 +111,7 @@ public final class PluginHost {
 
     /// Compiles and runs every plugin of `set` and makes them the ones that serve. All or nothing:
     /// on error the previous plugins stay and the error names the file (and line).
-    public func load(_ set: PluginSet) throws {
+    public func load(_ set: PluginSet, reloading: Bool = false) throws {
         let newSet = try vm.call(fnNewSet, [.string(set.libraryDirectory)], wantRef: true).ref!
         var loaded: [Plugin] = []
         do {
@@ -109,6 +132,7 @@ public final class PluginHost {
                     onMessage: try field("on_message", ref: true).ref,
                     onClose: try field("on_close", ref: true).ref,
                     onIdle: try field("on_idle", ref: true).ref,
+                    onReload: try field("on_reload", ref: true).ref,
                     idle: try field("idle", ref: false).number
                 ))
             }
@@ -126,6 +150,7 @@ public final class PluginHost {
         idleTimerPlugins = plugins.indices.filter { plugins[$0].onIdle != nil && plugins[$0].idle != nil }
         let seconds = idleTimers
         for connection in connections.values { connection.handle.setIdleTimers(seconds) }
+        if reloading { deliver(.reloaded) }
     }
 
     private var idleTimers: [Double] { idleTimerPlugins.map { plugins[$0].idle! } }
@@ -138,6 +163,8 @@ public final class PluginHost {
         case message(Int64, ByteBuffer, binary: Bool)
         case idle(Int64, timer: Int)
         case closed(Int64, code: UInt16, reason: String)
+        case timer(Int64)
+        case reloaded
     }
 
     public func open(_ handle: ScriptConnection, id: Int64, request: ScriptRequest) {
@@ -188,7 +215,7 @@ public final class PluginHost {
                 _ = handle.close(code: 1011, reason: "server error")
                 return
             }
-            connections[id] = Connection(handle: handle, ref: ref)
+            connections[id] = Connection(handle: handle, ref: ref, path: request.path)
             handle.setIdleTimers(idleTimers)
             dispatch(\.onOpen, "on_open", [.ref(ref)])
 
@@ -202,15 +229,90 @@ public final class PluginHost {
             if let fn = plugin.onIdle { _ = invoke(plugin, "on_idle", fn, [.ref(connection.ref)]) }
 
         case .closed(let id, let code, let reason):
-            guard let connection = connections.removeValue(forKey: id) else { return }
+            guard let connection = connections[id] else { return }
             dispatch(\.onClose, "on_close", [.ref(connection.ref), .int(Int64(code)), .string(reason)])
+            // After on_close, so that it may still look at what it subscribed to.
+            connections[id] = nil
+            for channel in connection.channels { unsubscribe(id, from: channel) }
+            for timer in connection.timers { timers.removeValue(forKey: timer)?.task.cancel() }
+            do { try vm.call(fnDropConn, [.ref(connection.ref)]) } catch { report(error, plugin: nil, hook: "close") }
             vm.unref(connection.ref)
+
+        case .timer(let timer):
+            guard timers[timer] != nil else { return }
+            do {
+                try vm.call(fnFireTimer, [.int(timer)])
+            } catch {
+                report(error, plugin: nil, hook: "timer")
+            }
+
+        case .reloaded:
+            for connection in connections.values {
+                dispatch(\.onReload, "on_reload", [.ref(connection.ref)])
+            }
         }
     }
 
     public var connectionCount: Int { connections.count }
 
     // MARK: calling plugins
+
+    // MARK: channels, broadcast, timers
+
+    /// Sends `text` to this loop's subscribers of `channel`.
+    func deliver(channel: String, text: String) {
+        guard let ids = subscribers[channel] else { return }
+        let buffer = ByteBuffer(string: text)
+        for id in ids { _ = connections[id]?.handle.send(buffer, binary: false) }
+    }
+
+    /// Sends `text` to this loop's connections on `path`.
+    func deliver(path: String, text: String) {
+        let buffer = ByteBuffer(string: text)
+        for connection in connections.values where connection.path == path {
+            _ = connection.handle.send(buffer, binary: false)
+        }
+    }
+
+    private func unsubscribe(_ id: Int64, from channel: String) {
+        connections[id]?.channels.remove(channel)
+        subscribers[channel]?.remove(id)
+        if subscribers[channel]?.isEmpty == true { subscribers[channel] = nil }
+    }
+
+    private func startTimer(id timer: Int64, connection: Int64, seconds: Double, repeating: Bool) -> LuaValue {
+        guard let eventLoop else { return .error("timers are not available here") }
+        if connection != 0 {
+            guard connections[connection] != nil else { return .error("timer on a closed connection") }
+            connections[connection]?.timers.insert(timer)
+        }
+        let interval = TimeAmount.nanoseconds(Int64((seconds * 1e9).rounded()))
+        let loopBound = NIOLoopBound(self, eventLoop: eventLoop)
+        let fire: @Sendable (RepeatedTask) -> Void = { _ in loopBound.value.timerFired(timer) }
+        let task: Scheduled<Void>
+        if repeating {
+            let repeated = eventLoop.scheduleRepeatedTask(initialDelay: interval, delay: interval, fire)
+            let promise = eventLoop.makePromise(of: Void.self)
+            task = Scheduled(promise: promise, cancellationTask: { repeated.cancel() })
+        } else {
+            task = eventLoop.scheduleTask(in: interval) { loopBound.value.timerFired(timer, once: true) }
+        }
+        timers[timer] = (task, connection)
+        return .nil
+    }
+
+    private func timerFired(_ timer: Int64, once: Bool = false) {
+        deliver(.timer(timer))
+        if once, let entry = timers.removeValue(forKey: timer), entry.connection != 0 {
+            connections[entry.connection]?.timers.remove(timer)
+        }
+    }
+
+    private func cancelTimer(_ timer: Int64) {
+        guard let entry = timers.removeValue(forKey: timer) else { return }
+        entry.task.cancel()
+        if entry.connection != 0 { connections[entry.connection]?.timers.remove(timer) }
+    }
 
     /// Calls `hook` of every plugin that has it, in order, until one returns true.
     private func dispatch(_ hook: KeyPath<Plugin, Int32?>, _ name: String, _ args: [LuaArg]) {
@@ -234,7 +336,8 @@ public final class PluginHost {
         errorCount += 1
         let where_ = plugin.map { "\($0.path) \(hook)" } ?? hook
         if let error = error as? LuaError {
-            logger.error("script error in \(where_): \(error.summary)", metadata: ["traceback": "\(error.message)"])
+            logger.error("script error in \(where_): \(error.summary)")
+            logger.debug("\(error.message)")
         } else {
             logger.error("script error in \(where_): \(error)")
         }
@@ -254,6 +357,74 @@ extension PluginHost: LuaVMDelegate {
         return connection.handle.close(code: code, reason: reason)
     }
 
+    func luaCommand(_ op: Int32, _ args: [LuaValue]) -> LuaValue {
+        func string(_ i: Int) -> String? { if case .string(let s) = args[safe: i] { return s } else { return nil } }
+        func integer(_ i: Int) -> Int64? { if case .integer(let n) = args[safe: i] { return n } else { return nil } }
+        func number(_ i: Int) -> Double? {
+            switch args[safe: i] {
+            case .integer(let n): return Double(n)
+            case .number(let n): return n
+            default: return nil
+            }
+        }
+        switch Command(rawValue: op) {
+        case .timerStart:
+            guard let connection = integer(0), let timer = integer(1), let seconds = number(2) else { return .error("bad timer") }
+            return startTimer(id: timer, connection: connection, seconds: seconds, repeating: args[safe: 3] == .bool(true))
+        case .timerCancel:
+            if let timer = integer(0) { cancelTimer(timer) }
+            return .nil
+        case .subscribe:
+            guard let id = integer(0), let channel = string(1), connections[id] != nil else { return .bool(false) }
+            connections[id]?.channels.insert(channel)
+            subscribers[channel, default: []].insert(id)
+            return .bool(true)
+        case .unsubscribe:
+            guard let id = integer(0), let channel = string(1) else { return .bool(false) }
+            unsubscribe(id, from: channel)
+            return .bool(true)
+        case .publish:
+            guard let channel = string(0), let text = string(1) else { return .nil }
+            cluster?.publish(channel: channel, text: text)
+            return .nil
+        case .broadcast:
+            guard let path = string(0), let text = string(1) else { return .nil }
+            cluster?.broadcast(path: path, text: text)
+            return .nil
+        case .sharedGet:
+            guard let key = string(0) else { return .nil }
+            switch cluster?.sharedGet(key) {
+            case .string(let s): return .string(s)
+            case .integer(let i): return .integer(i)
+            case .number(let n): return .number(n)
+            case .bool(let b): return .bool(b)
+            case nil: return .nil
+            }
+        case .sharedSet:
+            guard let key = string(0) else { return .nil }
+            let value: SharedValue? = switch args[safe: 1] {
+            case .string(let s): .string(s)
+            case .integer(let i): .integer(i)
+            case .number(let n): .number(n)
+            case .bool(let b): .bool(b)
+            default: nil
+            }
+            cluster?.sharedSet(key, value)
+            return .nil
+        case .sharedIncrement:
+            guard let key = string(0) else { return .nil }
+            let delta: SharedValue = integer(1).map { .integer($0) } ?? .number(number(1) ?? 1)
+            guard let cluster else { return .nil }
+            switch cluster.sharedIncrement(key, by: delta) {
+            case .integer(let i): return .integer(i)
+            case .number(let n): return .number(n)
+            default: return .error("shared:incr: '\(key)' does not hold a number")
+            }
+        case nil:
+            return .error("unknown command \(op)")
+        }
+    }
+
     func luaLog(level: Int32, message: String) {
         let logLevel: Logger.Level = switch level {
         case 0: .debug
@@ -262,5 +433,11 @@ extension PluginHost: LuaVMDelegate {
         default: .error
         }
         logger.log(level: logLevel, "\(message)")
+    }
+}
+
+extension Array {
+    fileprivate subscript(safe index: Int) -> Element? {
+        indices.contains(index) ? self[index] : nil
     }
 }

@@ -19,6 +19,11 @@ getmetatable("").__metatable = false
 
 local vars = {}
 
+-- Operations of core.command; ScriptHost's `Command` enum has the same numbers.
+local OP_TIMER_START, OP_TIMER_CANCEL, OP_SUBSCRIBE, OP_UNSUBSCRIBE, OP_PUBLISH, OP_BROADCAST,
+      OP_SHARED_GET, OP_SHARED_SET, OP_SHARED_INCR = 1, 2, 3, 4, 5, 6, 7, 8, 9
+local command = core.command
+
 local function tostrings(...)
   local n = select("#", ...)
   local parts = {}
@@ -52,6 +57,95 @@ function luaws.var(name, default)
   return v
 end
 
+------------------------------------------------------------------------ timers
+-- Every timer of this state, by id: { fn = f, conn = conn or nil, every = bool }.
+local timers = {}
+local next_timer = 0
+local Timer = { __index = {}, __metatable = "luaws.timer" }
+
+-- Forgets timer `id`; a connection's timers are also listed in its `_timers` set.
+local function forget_timer(id)
+  local t = timers[id]
+  if t == nil then return end
+  timers[id] = nil
+  if t.conn then rawget(t.conn, "_timers")[id] = nil end
+end
+
+function Timer.__index:cancel()
+  if timers[self.id] then
+    forget_timer(self.id)
+    command(OP_TIMER_CANCEL, self.id)
+  end
+end
+
+local function start_timer(conn, seconds, fn, every, level)
+  if type(seconds) ~= "number" or seconds ~= seconds or seconds < 0.001 or seconds == math.huge then
+    error("timer interval must be a number of seconds >= 0.001", level)
+  end
+  if type(fn) ~= "function" then error("timer callback must be a function", level) end
+  next_timer = next_timer + 1
+  local id = next_timer
+  timers[id] = { fn = fn, conn = conn, every = every }
+  if conn then
+    local owned = rawget(conn, "_timers")
+    if owned == nil then owned = {}; rawset(conn, "_timers", owned) end
+    owned[id] = true
+  end
+  command(OP_TIMER_START, conn and rawget(conn, "id") or 0, id, seconds, every)
+  return setmetatable({ id = id }, Timer)
+end
+
+--- Calls fn() once after `seconds`. Returns a timer with :cancel().
+function luaws.after(seconds, fn) return start_timer(nil, seconds, fn, false, 3) end
+--- Calls fn() every `seconds` until cancelled.
+function luaws.every(seconds, fn) return start_timer(nil, seconds, fn, true, 3) end
+
+------------------------------------------------------------------------ channels, broadcast
+--- Sends `text` to every connection subscribed to `channel`, on every event loop.
+function luaws.publish(channel, text)
+  if type(channel) ~= "string" then error("publish: channel must be a string", 2) end
+  command(OP_PUBLISH, channel, tostring(text))
+end
+
+--- Sends `text` to every connection whose path is `path`, on every event loop.
+function luaws.broadcast(path, text)
+  if type(path) ~= "string" then error("broadcast: path must be a string", 2) end
+  command(OP_BROADCAST, path, tostring(text))
+end
+
+------------------------------------------------------------------------ shared store
+-- One store for the whole process (every Lua state sees it); values are strings, numbers, booleans.
+local shared = {}
+local function check_key(key)
+  if type(key) ~= "string" then error("shared: key must be a string", 3) end
+end
+function shared:get(key) check_key(key) return command(OP_SHARED_GET, key) end
+function shared:set(key, value)
+  check_key(key)
+  local t = type(value)
+  if t ~= "string" and t ~= "number" and t ~= "boolean" and t ~= "nil" then
+    error("shared:set: values are strings, numbers or booleans (nil deletes)", 2)
+  end
+  command(OP_SHARED_SET, key, value)
+end
+function shared:delete(key) check_key(key) command(OP_SHARED_SET, key, nil) end
+--- Adds `by` (default 1) to a number (missing counts as 0), atomically; returns the new value.
+function shared:incr(key, by)
+  check_key(key)
+  by = by or 1
+  if type(by) ~= "number" then error("shared:incr: increment must be a number", 2) end
+  return command(OP_SHARED_INCR, key, by)
+end
+luaws.shared = setmetatable({}, { __index = shared, __newindex = function() error("luaws.shared: use :set(key, value)", 2) end, __metatable = false })
+
+------------------------------------------------------------------------ json
+luaws.json = {
+  encode = core.json_encode,
+  decode = core.json_decode,
+  --- JSON null, as decoded (and as encoded: nil in an array would end it).
+  null = core.null,
+}
+
 ------------------------------------------------------------------------ connections
 local Conn = {}
 local conn_methods = {}
@@ -68,6 +162,19 @@ end
 
 function conn_methods:close(code, reason)
   return core.close(rawget(self, "id"), code, reason)
+end
+
+function conn_methods:after(seconds, fn) return start_timer(self, seconds, fn, false, 3) end
+function conn_methods:every(seconds, fn) return start_timer(self, seconds, fn, true, 3) end
+
+function conn_methods:subscribe(channel)
+  if type(channel) ~= "string" then error("subscribe: channel must be a string", 2) end
+  command(OP_SUBSCRIBE, rawget(self, "id"), channel)
+end
+
+function conn_methods:unsubscribe(channel)
+  if type(channel) ~= "string" then error("unsubscribe: channel must be a string", 2) end
+  command(OP_UNSUBSCRIBE, rawget(self, "id"), channel)
 end
 
 local function parse_query(qs)
@@ -180,7 +287,7 @@ local function make_require(lib_dir, cache)
 end
 
 ------------------------------------------------------------------------ plugins
-local HOOKS = { on_open = true, on_message = true, on_close = true, on_idle = true }
+local HOOKS = { on_open = true, on_message = true, on_close = true, on_idle = true, on_reload = true }
 
 -- Compiles and runs one plugin's source; checks the table it returns.
 local function load_plugin(set, name, chunkname, src)
@@ -200,7 +307,7 @@ local function load_plugin(set, name, chunkname, src)
         error(where .. "idle must be a positive number of seconds (got " .. tostring(v) .. ")", 0)
       end
     elseif k ~= "name" then
-      error(where .. "unknown field '" .. tostring(k) .. "' (hooks are on_open, on_message, on_close, on_idle; settings are idle, name)", 0)
+      error(where .. "unknown field '" .. tostring(k) .. "' (hooks are on_open, on_message, on_close, on_idle, on_reload; settings are idle, name)", 0)
     end
   end
   if plugin.on_idle and not plugin.idle then error(where .. "on_idle needs idle = <seconds>", 0) end
@@ -230,6 +337,22 @@ end
 function api.set_var(name, value) vars[name] = value end
 
 api.new_conn = new_conn
+
+-- A timer fired (Swift scheduled it). A one-shot timer is forgotten before its callback runs.
+function api.fire_timer(id)
+  local t = timers[id]
+  if t == nil then return end
+  if not t.every then forget_timer(id) end
+  if t.conn then t.fn(t.conn) else t.fn() end
+end
+
+-- The connection is gone: forget its timers (Swift has cancelled them).
+function api.drop_conn(conn)
+  local owned = rawget(conn, "_timers")
+  if owned == nil then return end
+  for id in pairs(owned) do timers[id] = nil end
+  rawset(conn, "_timers", nil)
+end
 
 return api
 """#

@@ -19,5 +19,23 @@ public struct ServerConfiguration: Sendable {
     /// How long the server waits for the client's close frame after sending its own.
     public var closeTimeout: TimeAmount = .seconds(5)
 
+    /// Extra HTTP GET endpoints (exact paths), answered before the public folder: e.g. a status page.
+    public var routes: [String: HTTPRoute] = [:]
+
     public init() {}
+}
+
+/// An HTTP endpoint the embedding provides; it runs on the connection's event loop.
+public typealias HTTPRoute = @Sendable (EventLoop) -> EventLoopFuture<HTTPRouteResponse>
+
+public struct HTTPRouteResponse: Sendable {
+    public var status: Int
+    public var contentType: String
+    public var body: String
+
+    public init(status: Int = 200, contentType: String, body: String) {
+        self.status = status
+        self.contentType = contentType
+        self.body = body
+    }
 }

@@ -58,6 +58,22 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             }
             return
         }
+        if let route = configuration.routes[path], head.method == .GET || head.method == .HEAD {
+            let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+            route(context.eventLoop).whenComplete { result in
+                let (handler, context) = loopBound.value
+                switch result {
+                case .success(let response):
+                    var body = context.channel.allocator.buffer(capacity: response.body.utf8.count)
+                    body.writeString(response.body)
+                    handler.send(HTTPResponseStatus(statusCode: response.status), body: body, contentType: response.contentType,
+                                 extra: [("Cache-Control", "no-store")], head: head, context: context)
+                case .failure:
+                    handler.send(.internalServerError, "Internal server error\n", head: head, context: context)
+                }
+            }
+            return
+        }
         guard head.method == .GET || head.method == .HEAD else {
             send(.methodNotAllowed, "Method not allowed\n", extra: [("Allow", "GET, HEAD")], head: head, context: context)
             return

@@ -10,7 +10,7 @@ struct Luaws: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "luaws",
         abstract: "A WebSocket server whose behaviour is written in Lua.",
-        subcommands: [Serve.self],
+        subcommands: [Serve.self, Check.self],
         defaultSubcommand: Serve.self
     )
 }
@@ -100,10 +100,15 @@ struct Serve: AsyncParsableCommand {
             logger.warning("public folder \(publicDirectory) not found: serving no page")
         }
 
+        let cluster = ScriptCluster(plugins: plugins, vars: pluginVars, limits: limits, logger: logger)
+        configuration.routes["/luaws/status"] = { eventLoop in
+            eventLoop.makeFutureWithTask { await StatusPage.json(cluster) }
+        }
+
         let server: WebSocketServer
         do {
-            server = try await WebSocketServer.start(configuration: configuration, logger: logger) { _, _ in
-                LuaApplication(plugins: try PluginHost(plugins: plugins, vars: pluginVars, limits: limits, logger: logger))
+            server = try await WebSocketServer.start(configuration: configuration, logger: logger) { _, eventLoop in
+                LuaApplication(plugins: try cluster.makeHost(on: eventLoop))
             }
         } catch let error as PluginLoadError {
             logger.critical("scripts did not load: \(error.message)")
@@ -116,38 +121,19 @@ struct Serve: AsyncParsableCommand {
         let banner = "luaws listening on http://\(host):\(port) (WebSocket paths: \(webSocketPaths.joined(separator: " ")))\n"
         FileHandle.standardOutput.write(Data(banner.utf8))
 
-        let signal = await Signals.next([SIGINT, SIGTERM])
-        logger.info("signal \(signal): closing every connection with 1001")
-        await server.shutdown(code: 1001)
-    }
-}
+        let reloader = Reloader(scripts: scripts, cluster: cluster, logger: logger)
+        reloader.watchFiles()
+        let reloading = Task { await reloader.run() }
 
-/// Waits for the first of some signals, without letting them kill the process.
-enum Signals {
-    static func next(_ signals: [Int32]) async -> Int32 {
-        await withCheckedContinuation { continuation in
-            let queue = DispatchQueue(label: "luaws.signals")
-            let box = SignalSources()
-            queue.sync {
-                for number in signals {
-                    Foundation.signal(number, SIG_IGN)
-                    let source = DispatchSource.makeSignalSource(signal: number, queue: queue)
-                    source.setEventHandler {
-                        guard !box.fired else { return }
-                        box.fired = true
-                        box.sources.forEach { $0.cancel() }
-                        continuation.resume(returning: number)
-                    }
-                    source.resume()
-                    box.sources.append(source)
-                }
+        for await signal in Signals.stream([SIGINT, SIGTERM, SIGHUP]) {
+            if signal == SIGHUP {
+                reloader.request("SIGHUP")
+                continue
             }
+            logger.info("signal \(signal): closing every connection with 1001")
+            break
         }
-    }
-
-    /// Touched only on the signal queue.
-    private final class SignalSources: @unchecked Sendable {
-        var sources: [DispatchSourceSignal] = []
-        var fired = false
+        reloading.cancel()
+        await server.shutdown(code: 1001)
     }
 }

@@ -1,0 +1,39 @@
+import Foundation
+import ScriptHost
+import WSEngine
+
+/// `/luaws/status`: what is loaded, how the last reload went, and per-loop figures, as JSON.
+enum StatusPage {
+    private struct Body: Encodable {
+        struct Reload: Encodable {
+            var ok: Bool
+            var at: String?
+            var error: String?
+        }
+        var version: Int
+        var plugins: [String]
+        var last_reload: Reload
+        var connections: Int
+        var script_errors: Int
+        var lua_memory_bytes: Int
+        var event_loops: Int
+    }
+
+    static func json(_ cluster: ScriptCluster) async -> HTTPRouteResponse {
+        let status = cluster.status
+        let loops = await cluster.loopFigures()
+        let body = Body(
+            version: status.version,
+            plugins: status.plugins,
+            last_reload: .init(ok: status.lastReloadOK, at: status.lastReloadAt.map { ISO8601DateFormatter().string(from: $0) }, error: status.lastError),
+            connections: loops.reduce(0) { $0 + $1.connections },
+            script_errors: loops.reduce(0) { $0 + $1.scriptErrors },
+            lua_memory_bytes: loops.reduce(0) { $0 + $1.luaMemory },
+            event_loops: loops.count
+        )
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        let text = (try? encoder.encode(body)).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
+        return HTTPRouteResponse(contentType: "application/json", body: text + "\n")
+    }
+}
