@@ -16,6 +16,12 @@ public struct ServerConfiguration: Sendable {
     public var maxFrameSize: Int = 16 << 20
     /// Largest message (all fragments together); a larger one fails the connection with 1009.
     public var maxMessageSize: Int = 16 << 20
+    /// Offer permessage-deflate (RFC 7692) to clients that ask for it.
+    public var compression = true
+    /// Messages shorter than this are sent uncompressed even when compression is on.
+    public var compressionThreshold = 128
+    /// zlib level for outgoing messages (1 fastest … 9 smallest).
+    public var compressionLevel: Int32 = 6
     /// How long the server waits for the client's close frame after sending its own.
     public var closeTimeout: TimeAmount = .seconds(5)
 

@@ -49,8 +49,12 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     private var reading = false
     private var needsFlush = false
 
-    init(id: Int64, request: WebSocketRequest, loop: LoopState, configuration: ServerConfiguration) {
+    /// permessage-deflate, if negotiated.
+    private let deflate: DeflateParameters?
+
+    init(id: Int64, request: WebSocketRequest, deflate: DeflateParameters?, loop: LoopState, configuration: ServerConfiguration) {
         self.id = id
+        self.deflate = deflate
         self.request = request
         self.loop = loop
         self.configuration = configuration
@@ -109,8 +113,13 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         guard let mask = frame.maskKey else {
             throw ProtocolFailure(code: ProtocolFailure.protocolError, reason: "unmasked frame from a client")
         }
-        guard !frame.rsv1, !frame.rsv2, !frame.rsv3 else {
-            throw ProtocolFailure(code: ProtocolFailure.protocolError, reason: "reserved bit set with no extension negotiated")
+        // RSV1 marks a compressed message, on its first frame only, when permessage-deflate
+        // was negotiated; any other reserved bit is an error.
+        let compressed = frame.rsv1
+        guard !frame.rsv2, !frame.rsv3,
+              !compressed || (deflate != nil && (frame.opcode == .text || frame.opcode == .binary))
+        else {
+            throw ProtocolFailure(code: ProtocolFailure.protocolError, reason: "reserved bit set that no extension defines")
         }
         var payload = frame.data
         payload.webSocketUnmask(mask)
@@ -118,7 +127,12 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         switch frame.opcode {
         case .text, .binary, .continuation:
             guard state == .open else { return }  // after our close frame, data is discarded
-            guard let message = try assembler.append(opcode: frame.opcode, fin: frame.fin, data: payload) else { return }
+            guard let assembled = try assembler.append(opcode: frame.opcode, fin: frame.fin, compressed: compressed, data: payload) else { return }
+            var message = WebSocketMessage(kind: assembled.kind, data: assembled.data)
+            if assembled.compressed {
+                message.data = try loop.deflate.decompress(assembled.data, limit: configuration.maxMessageSize, allocator: context!.channel.allocator)
+                if message.kind == .text { try MessageAssembler.validateText(message.data) }
+            }
             lastMessage = .now()
             dispatch { $0.received(message, on: connection) }
 
@@ -213,9 +227,15 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     // MARK: what the application asks for
 
     func send(_ data: ByteBuffer, binary: Bool) -> Bool {
-        guard state == .open, context != nil else { return false }
-        write(WebSocketFrame(fin: true, opcode: binary ? .binary : .text, data: data))
-        if dispatching { needsFlush = true } else { context?.flush() }
+        guard state == .open, let context else { return false }
+        let opcode: WebSocketOpcode = binary ? .binary : .text
+        if let deflate, data.readableBytes >= configuration.compressionThreshold,
+           let compressed = try? loop.deflate.compress(data, windowBits: deflate.serverWindowBits, allocator: context.channel.allocator) {
+            write(WebSocketFrame(fin: true, rsv1: true, opcode: opcode, data: compressed))
+        } else {
+            write(WebSocketFrame(fin: true, opcode: opcode, data: data))
+        }
+        if dispatching { needsFlush = true } else { context.flush() }
         return true
     }
 

@@ -8,10 +8,13 @@ final class LoopState {
     let logger: Logger
     let eventLoop: EventLoop
     var connections: [Int64: WebSocketConnectionHandler] = [:]
+    /// permessage-deflate streams shared by the loop's connections (no context takeover).
+    let deflate: DeflateStreams
     /// Connection ids are `loopIndex << 48 | counter`, unique across loops without atomics.
     private var nextID: Int64
 
-    init(index: Int, eventLoop: EventLoop, application: WebSocketApplication, logger: Logger) {
+    init(index: Int, eventLoop: EventLoop, application: WebSocketApplication, logger: Logger, compressionLevel: Int32) {
+        self.deflate = DeflateStreams(level: compressionLevel)
         self.eventLoop = eventLoop
         self.application = application
         self.logger = logger

@@ -5,8 +5,16 @@ import NIOWebSocket
 public struct WebSocketMessage {
     public enum Kind: Sendable { case text, binary }
     public var kind: Kind
-    /// The payload, unmasked. Text is valid UTF-8.
+    /// The payload, unmasked (and inflated). Text is valid UTF-8.
     public var data: ByteBuffer
+}
+
+/// A message as assembled from frames: still compressed when `compressed` (permessage-deflate),
+/// in which case its text has not been validated yet.
+struct AssembledMessage {
+    var kind: WebSocketMessage.Kind
+    var data: ByteBuffer
+    var compressed: Bool
 }
 
 /// Why a connection must be failed: the close code to send and a reason for the log.
@@ -27,6 +35,7 @@ struct ProtocolFailure: Error, Equatable {
 struct MessageAssembler {
     private let maxMessageSize: Int
     private var kind: WebSocketMessage.Kind?
+    private var compressed = false
     private var buffer: ByteBuffer?
     private var utf8 = UTF8Validator()
 
@@ -38,7 +47,9 @@ struct MessageAssembler {
     var isAssembling: Bool { kind != nil }
 
     /// Takes one data frame's unmasked payload. Returns the message when `fin` completes one.
-    mutating func append(opcode: WebSocketOpcode, fin: Bool, data: ByteBuffer) throws(ProtocolFailure) -> WebSocketMessage? {
+    /// `compressed` is the first frame's RSV1 under permessage-deflate: the message's text is
+    /// then validated after inflating, not here.
+    mutating func append(opcode: WebSocketOpcode, fin: Bool, compressed: Bool = false, data: ByteBuffer) throws(ProtocolFailure) -> AssembledMessage? {
         switch opcode {
         case .text, .binary:
             guard kind == nil else {
@@ -46,9 +57,10 @@ struct MessageAssembler {
             }
             let newKind: WebSocketMessage.Kind = opcode == .text ? .text : .binary
             try checkSize(data.readableBytes)
-            if newKind == .text { try validate(data, final: fin) }
-            if fin { return WebSocketMessage(kind: newKind, data: data) }
+            if newKind == .text && !compressed { try validate(data, final: fin) }
+            if fin { return AssembledMessage(kind: newKind, data: data, compressed: compressed) }
             kind = newKind
+            self.compressed = compressed
             buffer = data
             return nil
 
@@ -57,13 +69,13 @@ struct MessageAssembler {
                 throw ProtocolFailure(code: ProtocolFailure.protocolError, reason: "continuation frame with no message to continue")
             }
             try checkSize(assembled.readableBytes + data.readableBytes)
-            if current == .text { try validate(data, final: fin) }
+            if current == .text && !compressed { try validate(data, final: fin) }
             buffer = nil  // keep `assembled` uniquely referenced so the append does not copy it
             var piece = data
             assembled.writeBuffer(&piece)
             if fin {
                 kind = nil
-                return WebSocketMessage(kind: current, data: assembled)
+                return AssembledMessage(kind: current, data: assembled, compressed: compressed)
             }
             buffer = assembled
             return nil
@@ -76,6 +88,14 @@ struct MessageAssembler {
     private func checkSize(_ size: Int) throws(ProtocolFailure) {
         if size > maxMessageSize {
             throw ProtocolFailure(code: ProtocolFailure.tooLarge, reason: "message larger than \(maxMessageSize) bytes")
+        }
+    }
+
+    /// Validates a whole message's text at once (after inflating).
+    static func validateText(_ data: ByteBuffer) throws(ProtocolFailure) {
+        var utf8 = UTF8Validator()
+        guard data.withUnsafeReadableBytes({ utf8.validate($0) }), utf8.isComplete else {
+            throw ProtocolFailure(code: ProtocolFailure.invalidData, reason: "text message is not valid UTF-8")
         }
     }
 

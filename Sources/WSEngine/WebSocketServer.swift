@@ -32,7 +32,7 @@ public final class WebSocketServer: Sendable {
             var loops: [ObjectIdentifier: NIOLoopBound<LoopState>] = [:]
             for (index, loop) in group.makeIterator().enumerated() {
                 let state = try await loop.submit {
-                    NIOLoopBound(LoopState(index: index, eventLoop: loop, application: try makeApplication(index, loop), logger: logger), eventLoop: loop)
+                    NIOLoopBound(LoopState(index: index, eventLoop: loop, application: try makeApplication(index, loop), logger: logger, compressionLevel: configuration.compressionLevel), eventLoop: loop)
                 }.get()
                 loops[ObjectIdentifier(loop)] = state
             }
@@ -68,13 +68,19 @@ public final class WebSocketServer: Sendable {
             automaticErrorHandling: true,
             shouldUpgrade: { channel, head in
                 let path = String(head.uri.prefix { $0 != "?" && $0 != "#" })
-                return channel.eventLoop.makeSucceededFuture(paths.contains(path) ? HTTPHeaders() : nil)
+                guard paths.contains(path) else { return channel.eventLoop.makeSucceededFuture(nil) }
+                var headers = HTTPHeaders()
+                if configuration.compression, let deflate = DeflateParameters.negotiate(head.headers) {
+                    headers.add(name: "Sec-WebSocket-Extensions", value: deflate.responseHeader)
+                }
+                return channel.eventLoop.makeSucceededFuture(headers)
             },
             upgradePipelineHandler: { channel, head in
                 channel.eventLoop.makeCompletedFuture {
                     let loop = loops[ObjectIdentifier(channel.eventLoop)]!.value
                     let request = WebSocketRequest(head: head, remoteAddress: channel.remoteAddress)
-                    let handler = WebSocketConnectionHandler(id: loop.makeID(), request: request, loop: loop, configuration: configuration)
+                    let deflate = configuration.compression ? DeflateParameters.negotiate(head.headers) : nil
+                    let handler = WebSocketConnectionHandler(id: loop.makeID(), request: request, deflate: deflate, loop: loop, configuration: configuration)
                     try channel.pipeline.syncOperations.addHandler(handler)
                 }
             }

@@ -50,6 +50,9 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Largest message accepted, in bytes (larger: closed with 1009).")
     var maxMessageSize = ServerConfiguration().maxMessageSize
 
+    @Flag(inversion: .prefixedNo, help: "Offer permessage-deflate compression (RFC 7692).")
+    var compression = true
+
     @Option(help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: Logger.Level = .info
 
@@ -92,6 +95,7 @@ struct Serve: AsyncParsableCommand {
         configuration.webSocketPaths = Set(webSocketPaths)
         configuration.maxMessageSize = maxMessageSize
         configuration.maxFrameSize = maxMessageSize
+        configuration.compression = compression
         if let threads { configuration.eventLoops = threads }
         var isDirectory: ObjCBool = false
         if FileManager.default.fileExists(atPath: publicDirectory, isDirectory: &isDirectory), isDirectory.boolValue {
