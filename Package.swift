@@ -47,6 +47,7 @@ let package = Package(
             dependencies: [
                 "ScriptHost",
                 "WSEngine",
+                .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -514,6 +514,8 @@ typedef struct luaws_result {
     int boolean;         /* its truth value */
     lua_Number number;   /* its value if a number */
     int ref;             /* a registry reference to it, if asked and not nil; else LUA_NOREF */
+    const char *str;     /* its bytes if a string: valid only until the next call into Lua */
+    size_t len;
 } luaws_result;
 
 typedef struct luaws_call_frame {
@@ -529,6 +531,7 @@ static void luaws_fill_result(lua_State *L, luaws_result *r, int want_ref) {
     r->type = lua_type(L, -1);
     r->boolean = lua_toboolean(L, -1);
     r->number = r->type == LUA_TNUMBER ? lua_tonumber(L, -1) : 0;
+    r->str = r->type == LUA_TSTRING ? lua_tolstring(L, -1, &r->len) : NULL;
     r->ref = LUA_NOREF;
     if (want_ref && r->type != LUA_TNIL) r->ref = luaL_ref(L, LUA_REGISTRYINDEX);
 }
@@ -594,7 +597,7 @@ static int luaws_protected(lua_State *L, lua_CFunction fn, void *frame, int budg
 }
 
 static inline void luaws_clear_result(luaws_result *r) {
-    r->type = LUA_TNIL; r->boolean = 0; r->number = 0; r->ref = LUA_NOREF;
+    r->type = LUA_TNIL; r->boolean = 0; r->number = 0; r->ref = LUA_NOREF; r->str = NULL; r->len = 0;
 }
 
 /* Calls the function behind registry reference `fn` with `args`, protected,

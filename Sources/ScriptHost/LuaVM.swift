@@ -6,6 +6,7 @@ struct LuaResult {
     var isNil: Bool
     var truthy: Bool
     var number: Double?
+    var string: String?
     /// A registry reference to the result, when one was asked for and it is not nil.
     var ref: Int32?
 }
@@ -222,6 +223,8 @@ final class LuaVM {
             isNil: result.type == LUA_TNIL,
             truthy: result.boolean != 0,
             number: result.type == LUA_TNUMBER ? result.number : nil,
+            // Copied now: the bytes are Lua's and only valid until the next call into Lua.
+            string: result.str.map { String(decoding: UnsafeRawBufferPointer(start: $0, count: result.len), as: UTF8.self) },
             ref: result.ref == LUA_NOREF ? nil : result.ref
         )
     }

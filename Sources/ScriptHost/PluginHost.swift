@@ -19,11 +19,14 @@ public struct ScriptRequest: Sendable {
     /// The raw query string, without `?`.
     public var query: String
     public var headers: [(name: String, value: String)]
+    /// The negotiated sub-protocol (`conn.protocol`), if any.
+    public var subprotocol: String?
 
-    public init(path: String, query: String, headers: [(name: String, value: String)]) {
+    public init(path: String, query: String, headers: [(name: String, value: String)], subprotocol: String? = nil) {
         self.path = path
         self.query = query
         self.headers = headers
+        self.subprotocol = subprotocol
     }
 }
 
@@ -76,10 +79,12 @@ public final class PluginHost {
     private var deferred: [Event] = []
 
     // Prelude functions, as registry references.
-    private let fnNewSet, fnAddPlugin, fnPluginField, fnNewConn, fnFireTimer, fnDropConn: Int32
+    private let fnNewSet, fnAddPlugin, fnPluginField, fnNewConn, fnFireTimer, fnDropConn, fnProtocols: Int32
 
     /// Script errors (of any hook or load) since start.
     public private(set) var errorCount = 0
+    /// Sub-protocols the loaded plugins declare (`protocols = {...}`), in plugin order.
+    public private(set) var subprotocols: [String] = []
     /// Names of the loaded plugins, in order.
     public var pluginNames: [String] { plugins.map(\.name) }
     /// Bytes the Lua state holds now.
@@ -101,6 +106,7 @@ public final class PluginHost {
         fnNewConn = try vm.apiFunction("new_conn")
         fnFireTimer = try vm.apiFunction("fire_timer")
         fnDropConn = try vm.apiFunction("drop_conn")
+        fnProtocols = try vm.apiFunction("protocols")
         let setVar = try vm.apiFunction("set_var")
         for (name, value) in vars.sorted(by: { $0.key < $1.key }) {
             try vm.call(setVar, [.string(name), .string(value)])
@@ -114,6 +120,7 @@ public final class PluginHost {
     public func load(_ set: PluginSet, reloading: Bool = false) throws {
         let newSet = try vm.call(fnNewSet, [.string(set.libraryDirectory)], wantRef: true).ref!
         var loaded: [Plugin] = []
+        var loadedProtocols: [String] = []
         do {
             for source in set.plugins {
                 do {
@@ -122,6 +129,8 @@ public final class PluginHost {
                     throw PluginLoadError(file: source.path, message: error.summary)
                 }
             }
+            let protocols = try vm.call(fnProtocols, [.ref(newSet)]).string ?? ""
+            loadedProtocols = protocols.split(separator: ",").map(String.init)
             for (index, source) in set.plugins.enumerated() {
                 func field(_ name: String, ref: Bool) throws -> LuaResult {
                     try vm.call(fnPluginField, [.ref(newSet), .int(Int64(index + 1)), .string(name)], wantRef: ref)
@@ -146,6 +155,7 @@ public final class PluginHost {
         for plugin in plugins { plugin.refs.forEach(vm.unref) }
         if let setRef { vm.unref(setRef) }
         plugins = loaded
+        subprotocols = loadedProtocols
         setRef = newSet
         idleTimerPlugins = plugins.indices.filter { plugins[$0].onIdle != nil && plugins[$0].idle != nil }
         let seconds = idleTimers
@@ -205,7 +215,7 @@ public final class PluginHost {
             let made: Int32?
             do {
                 made = try vm.call(
-                    fnNewConn, [.int(id), .string(request.path), .string(request.query), .string(headerBlock)], wantRef: true
+                    fnNewConn, [.int(id), .string(request.path), .string(request.query), .string(headerBlock), request.subprotocol.map { .string($0) } ?? .nil], wantRef: true
                 ).ref
             } catch {
                 report(error, plugin: nil, hook: "open")

@@ -226,8 +226,8 @@ end
 Conn.__tostring = function(self) return "luaws.conn(" .. rawget(self, "id") .. ")" end
 Conn.__metatable = "luaws.conn"
 
-local function new_conn(id, path, query, headers)
-  return setmetatable({ id = id, path = path, _raw_query = query, _raw_headers = headers }, Conn)
+local function new_conn(id, path, query, headers, protocol)
+  return setmetatable({ id = id, path = path, protocol = protocol, _raw_query = query, _raw_headers = headers }, Conn)
 end
 
 ------------------------------------------------------------------------ sandbox
@@ -306,8 +306,15 @@ local function load_plugin(set, name, chunkname, src)
       if type(v) ~= "number" or v ~= v or v <= 0 or v == math.huge then
         error(where .. "idle must be a positive number of seconds (got " .. tostring(v) .. ")", 0)
       end
+    elseif k == "protocols" then
+      if type(v) ~= "table" then error(where .. "protocols must be a list of strings", 0) end
+      for _, p in ipairs(v) do
+        if type(p) ~= "string" or not p:match("^[!#$%%&'*+%-.^_`|~%w]+$") then
+          error(where .. "protocols must be a list of sub-protocol names (tokens), got " .. tostring(p), 0)
+        end
+      end
     elseif k ~= "name" then
-      error(where .. "unknown field '" .. tostring(k) .. "' (hooks are on_open, on_message, on_close, on_idle, on_reload; settings are idle, name)", 0)
+      error(where .. "unknown field '" .. tostring(k) .. "' (hooks are on_open, on_message, on_close, on_idle, on_reload; settings are idle, protocols, name)", 0)
     end
   end
   if plugin.on_idle and not plugin.idle then error(where .. "on_idle needs idle = <seconds>", 0) end
@@ -335,6 +342,17 @@ function api.plugin_field(set, index, field)
 end
 
 function api.set_var(name, value) vars[name] = value end
+
+-- Every sub-protocol the set's plugins declare, in order, as one comma-separated string.
+function api.protocols(set)
+  local all, seen = {}, {}
+  for _, plugin in ipairs(set.plugins) do
+    for _, p in ipairs(plugin.protocols or {}) do
+      if not seen[p] then seen[p] = true; all[#all + 1] = p end
+    end
+  end
+  return table.concat(all, ",")
+end
 
 api.new_conn = new_conn
 

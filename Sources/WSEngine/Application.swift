@@ -18,6 +18,12 @@ public protocol WebSocketApplication: AnyObject {
     /// The connection is gone. `code` is the close code the client sent, 1005 if its close frame
     /// had none, 1006 if the connection ended without one.
     func closed(_ connection: WebSocketConnection, code: UInt16, reason: String)
+    /// Picks one of the sub-protocols a client offers (`Sec-WebSocket-Protocol`), or nil for none.
+    func subprotocol(offered: [String], path: String) -> String?
+}
+
+extension WebSocketApplication {
+    public func subprotocol(offered: [String], path: String) -> String? { nil }
 }
 
 /// What the opening request asked for.
@@ -27,6 +33,8 @@ public struct WebSocketRequest: Sendable {
     public var query: String
     public var headers: HTTPHeaders
     public var remoteAddress: String?
+    /// The negotiated sub-protocol, if any.
+    public var subprotocol: String?
 }
 
 /// One client connection, as the application sees it. Used on its event loop only.

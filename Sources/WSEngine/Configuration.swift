@@ -16,6 +16,26 @@ public struct ServerConfiguration: Sendable {
     public var maxFrameSize: Int = 16 << 20
     /// Largest message (all fragments together); a larger one fails the connection with 1009.
     public var maxMessageSize: Int = 16 << 20
+    /// Browser origins allowed to open WebSockets (exact `Origin` values, e.g.
+    /// `https://example.com`); nil allows any. Requests without `Origin` (non-browser clients)
+    /// are always allowed. Guards against cross-site WebSocket hijacking.
+    public var allowedOrigins: Set<String>? = nil
+    /// Open WebSocket connections at most; more are refused with 503 before the upgrade.
+    public var maxConnections = 20_000
+    /// An HTTP connection that has not sent a complete request within this long (at first, or
+    /// since its last response) is closed: no slowloris holding sockets open.
+    public var handshakeTimeout: TimeAmount = .seconds(10)
+    /// The server pings a connection it has heard nothing from for this long …
+    public var pingInterval: TimeAmount = .seconds(30)
+    /// … and drops it if nothing (no pong, no frame) comes back within this long.
+    public var pongTimeout: TimeAmount = .seconds(30)
+    /// Closes (1001) a connection that sent no message for this long; nil: never.
+    public var idleTimeout: TimeAmount? = nil
+    /// Bytes queued for one client beyond which it counts as a slow consumer.
+    public var maxOutboundBytes = 4 << 20
+    /// What happens to a slow consumer.
+    public var slowConsumerPolicy = SlowConsumerPolicy.close
+
     /// Offer permessage-deflate (RFC 7692) to clients that ask for it.
     public var compression = true
     /// Messages shorter than this are sent uncompressed even when compression is on.
@@ -44,4 +64,12 @@ public struct HTTPRouteResponse: Sendable {
         self.contentType = contentType
         self.body = body
     }
+}
+
+/// What the server does when a client stops reading while messages for it pile up.
+public enum SlowConsumerPolicy: String, Sendable, CaseIterable {
+    /// Close the connection (close frame 1008, best effort, then TCP close).
+    case close
+    /// Drop messages for it until its queue drains below half the limit.
+    case drop
 }

@@ -43,6 +43,13 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     private var idleTimers: [IdleTimer] = []
     private var lastMessage = NIODeadline.now()
 
+    // Keep-alive: a ping after `pingInterval` of silence, a drop after `pongTimeout` more.
+    private var lastHeard = NIODeadline.now()
+    private var pingSentAt: NIODeadline?
+    private var keepAlive: Scheduled<Void>?
+    /// Messages dropped for this slow consumer (policy .drop).
+    private var dropping = false
+
     /// Set while the handler is calling the application: writes are flushed once afterwards.
     private var dispatching = false
     /// Set between a read and the end of its batch: writes are flushed once in channelReadComplete.
@@ -69,6 +76,8 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         connection = WebSocketConnection(id: id, request: request, handler: self)
         loop.connections[id] = self
         lastMessage = .now()
+        lastHeard = lastMessage
+        scheduleKeepAlive(context: context)
         dispatch { $0.opened(connection) }
     }
 
@@ -123,6 +132,8 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         }
         var payload = frame.data
         payload.webSocketUnmask(mask)
+        lastHeard = .now()
+        pingSentAt = nil
 
         switch frame.opcode {
         case .text, .binary, .continuation:
@@ -133,7 +144,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
                 message.data = try loop.deflate.decompress(assembled.data, limit: configuration.maxMessageSize, allocator: context!.channel.allocator)
                 if message.kind == .text { try MessageAssembler.validateText(message.data) }
             }
-            lastMessage = .now()
+            lastMessage = lastHeard
             dispatch { $0.received(message, on: connection) }
 
         case .ping:
@@ -228,6 +239,9 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
 
     func send(_ data: ByteBuffer, binary: Bool) -> Bool {
         guard state == .open, let context else { return false }
+        if !context.channel.isWritable || dropping {
+            return slowConsumer(context: context)
+        }
         let opcode: WebSocketOpcode = binary ? .binary : .text
         if let deflate, data.readableBytes >= configuration.compressionThreshold,
            let compressed = try? loop.deflate.compress(data, windowBits: deflate.serverWindowBits, allocator: context.channel.allocator) {
@@ -237,6 +251,28 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         }
         if dispatching { needsFlush = true } else { context.flush() }
         return true
+    }
+
+    /// The client does not read what is sent to it and its queue is over the limit.
+    private func slowConsumer(context: ChannelHandlerContext) -> Bool {
+        switch configuration.slowConsumerPolicy {
+        case .drop:
+            dropping = !context.channel.isWritable
+            if dropping { loop.logger.debug("connection \(id): slow consumer, message dropped") }
+            return !dropping
+        case .close:
+            loop.logger.info("connection \(id): slow consumer (over \(configuration.maxOutboundBytes) bytes queued), closing with 1008")
+            state = .closed
+            let payload = Self.closePayload(code: 1008, reason: "slow consumer", allocator: context.channel.allocator)
+            context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .connectionClose, data: payload)), promise: nil)
+            context.close(promise: nil)
+            return false
+        }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { dropping = false }
+        context.fireChannelWritabilityChanged()
     }
 
     func startClose(code: UInt16, reason: String) -> Bool {
@@ -265,6 +301,39 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         for index in timers.count..<max(timers.count, idleTimers.count) { idleTimers[index].task?.cancel() }
         idleTimers = timers
         for index in idleTimers.indices { schedule(timer: index, context: context) }
+    }
+
+    // MARK: keep-alive and idle timeout
+
+    private func scheduleKeepAlive(context: ChannelHandlerContext) {
+        var due = (pingSentAt.map { $0 + configuration.pongTimeout }) ?? (lastHeard + configuration.pingInterval)
+        if let idle = configuration.idleTimeout { due = min(due, lastMessage + idle) }
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        keepAlive = context.eventLoop.assumeIsolated().scheduleTask(deadline: due) {
+            handler.value.keepAliveFired()
+        }
+    }
+
+    /// One timer does three jobs: ping a silent client, drop one whose ping went unanswered,
+    /// and close one that sent no message for `idleTimeout`.
+    private func keepAliveFired() {
+        guard state == .open, let context else { return }
+        let now = NIODeadline.now()
+        if let sent = pingSentAt, now >= sent + configuration.pongTimeout {
+            loop.logger.debug("connection \(id): no answer to ping, dropping")
+            state = .closed
+            context.close(promise: nil)
+            return
+        }
+        if let idle = configuration.idleTimeout, now >= lastMessage + idle {
+            _ = startClose(code: 1001, reason: "idle timeout")
+            return
+        }
+        if pingSentAt == nil, now >= lastHeard + configuration.pingInterval {
+            pingSentAt = now
+            context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .ping, data: context.channel.allocator.buffer(capacity: 0))), promise: nil)
+        }
+        scheduleKeepAlive(context: context)
     }
 
     // MARK: idle timers
@@ -332,6 +401,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         guard loop.connections.removeValue(forKey: id) != nil else { return }
         state = .closed
         closeTimeout?.cancel()
+        keepAlive?.cancel()
         for timer in idleTimers { timer.task?.cancel() }
         idleTimers = []
         let code = clientClose?.code ?? 1006

@@ -13,11 +13,37 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     private let configuration: ServerConfiguration
     private let files: StaticFiles?
+    private let counter: ConnectionCounter
     private var head: HTTPRequestHead?
+    /// Closes the connection if no complete request comes in time (armed between requests).
+    private var timeout: Scheduled<Void>?
 
-    init(configuration: ServerConfiguration, files: StaticFiles?) {
+    init(configuration: ServerConfiguration, files: StaticFiles?, counter: ConnectionCounter) {
         self.configuration = configuration
         self.files = files
+        self.counter = counter
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        armTimeout(context: context)
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        timeout?.cancel()
+        timeout = nil
+    }
+
+    private func armTimeout(context: ChannelHandlerContext) {
+        timeout?.cancel()
+        let loopContext = context.loopBound
+        timeout = context.eventLoop.assumeIsolated().scheduleTask(in: configuration.handshakeTimeout) {
+            loopContext.value.close(promise: nil)
+        }
+    }
+
+    static func originAllowed(_ head: HTTPRequestHead, _ configuration: ServerConfiguration) -> Bool {
+        guard let allowed = configuration.allowedOrigins, let origin = head.headers["Origin"].first else { return true }
+        return allowed.contains(origin)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -29,6 +55,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case .end:
             guard let head else { return }
             self.head = nil
+            timeout?.cancel()
             respond(to: head, context: context)
         }
     }
@@ -44,7 +71,11 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         let path = String(head.uri.prefix { $0 != "?" && $0 != "#" })
         if configuration.webSocketPaths.contains(path) {
             let version = head.headers["Sec-WebSocket-Version"].first
-            if head.method != .GET {
+            if !Self.originAllowed(head, configuration) {
+                send(.forbidden, "Origin not allowed\n", head: head, context: context)
+            } else if counter.isFull && head.headers["Upgrade"].contains(where: { $0.lowercased().contains("websocket") }) {
+                send(.serviceUnavailable, "Too many connections\n", extra: [("Retry-After", "5")], head: head, context: context)
+            } else if head.method != .GET {
                 send(.methodNotAllowed, "WebSocket endpoint: use GET with an upgrade\n", extra: [("Allow", "GET")], head: head, context: context)
             } else if version != nil && version != "13" {
                 send(.upgradeRequired, "Unsupported WebSocket version: this server speaks 13\n",
@@ -112,6 +143,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         if !keepAlive {
             let loopContext = context.loopBound
             done.whenComplete { _ in loopContext.value.close(promise: nil) }
+        } else {
+            armTimeout(context: context)
         }
     }
 }

@@ -1,4 +1,6 @@
+import Foundation
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -63,22 +65,39 @@ public final class WebSocketServer: Sendable {
     ) async throws -> Channel {
         let files = configuration.publicDirectory.map { StaticFiles(root: $0, threadPool: threadPool) }
         let paths = configuration.webSocketPaths
+        let counter = ConnectionCounter(limit: configuration.maxConnections)
         let upgrader = NIOWebSocketServerUpgrader(
             maxFrameSize: configuration.maxFrameSize,
             automaticErrorHandling: true,
             shouldUpgrade: { channel, head in
+                // Refusals return nil; HTTPHandler then answers the request with the reason.
                 let path = String(head.uri.prefix { $0 != "?" && $0 != "#" })
-                guard paths.contains(path) else { return channel.eventLoop.makeSucceededFuture(nil) }
+                // RFC 6455 §4.1: the handshake is an HTTP/1.1 GET.
+                guard paths.contains(path), head.method == .GET, head.version.major == 1 && head.version.minor >= 1,
+                      HTTPHandler.originAllowed(head, configuration), counter.acquire()
+                else {
+                    return channel.eventLoop.makeSucceededFuture(nil)
+                }
+                channel.closeFuture.whenComplete { _ in counter.release() }
                 var headers = HTTPHeaders()
                 if configuration.compression, let deflate = DeflateParameters.negotiate(head.headers) {
                     headers.add(name: "Sec-WebSocket-Extensions", value: deflate.responseHeader)
+                }
+                let offered = WebSocketRequest.offeredSubprotocols(head.headers)
+                if !offered.isEmpty, let loop = loops[ObjectIdentifier(channel.eventLoop)]?.value,
+                   let chosen = loop.application.subprotocol(offered: offered, path: path), offered.contains(chosen) {
+                    headers.add(name: "Sec-WebSocket-Protocol", value: chosen)
                 }
                 return channel.eventLoop.makeSucceededFuture(headers)
             },
             upgradePipelineHandler: { channel, head in
                 channel.eventLoop.makeCompletedFuture {
                     let loop = loops[ObjectIdentifier(channel.eventLoop)]!.value
-                    let request = WebSocketRequest(head: head, remoteAddress: channel.remoteAddress)
+                    var request = WebSocketRequest(head: head, remoteAddress: channel.remoteAddress)
+                    let offered = WebSocketRequest.offeredSubprotocols(head.headers)
+                    if !offered.isEmpty, let chosen = loop.application.subprotocol(offered: offered, path: request.path), offered.contains(chosen) {
+                        request.subprotocol = chosen
+                    }
                     let deflate = configuration.compression ? DeflateParameters.negotiate(head.headers) : nil
                     let handler = WebSocketConnectionHandler(id: loop.makeID(), request: request, deflate: deflate, loop: loop, configuration: configuration)
                     try channel.pipeline.syncOperations.addHandler(handler)
@@ -90,9 +109,10 @@ public final class WebSocketServer: Sendable {
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
             .childChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.writeBufferWaterMark, value: .init(low: configuration.maxOutboundBytes / 2, high: configuration.maxOutboundBytes))
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    let http = HTTPHandler(configuration: configuration, files: files)
+                    let http = HTTPHandler(configuration: configuration, files: files, counter: counter)
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(
                         withServerUpgrade: (upgraders: [upgrader], completionHandler: { context in
                             context.pipeline.syncOperations.removeHandler(name: "luaws.http", promise: nil)
@@ -130,7 +150,32 @@ public final class WebSocketServer: Sendable {
     }
 }
 
+/// Open WebSocket connections across all loops, against the configured maximum.
+final class ConnectionCounter: Sendable {
+    private let count = NIOLockedValueBox(0)
+    let limit: Int
+
+    init(limit: Int) { self.limit = limit }
+
+    var isFull: Bool { count.withLockedValue { $0 >= limit } }
+
+    func acquire() -> Bool {
+        count.withLockedValue { count in
+            guard count < limit else { return false }
+            count += 1
+            return true
+        }
+    }
+
+    func release() { count.withLockedValue { $0 -= 1 } }
+}
+
 extension WebSocketRequest {
+    static func offeredSubprotocols(_ headers: HTTPHeaders) -> [String] {
+        headers["Sec-WebSocket-Protocol"].flatMap { $0.split(separator: ",") }
+            .map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+    }
+
     init(head: HTTPRequestHead, remoteAddress: SocketAddress?) {
         let uri = head.uri
         let pathEnd = uri.firstIndex { $0 == "?" || $0 == "#" } ?? uri.endIndex
@@ -138,7 +183,7 @@ extension WebSocketRequest {
         if pathEnd < uri.endIndex, uri[pathEnd] == "?" {
             query = String(uri[uri.index(after: pathEnd)...].prefix { $0 != "#" })
         }
-        self.init(path: String(uri[..<pathEnd]), query: query, headers: head.headers, remoteAddress: remoteAddress?.description)
+        self.init(path: String(uri[..<pathEnd]), query: query, headers: head.headers, remoteAddress: remoteAddress?.description, subprotocol: nil)
     }
 }
 

@@ -15,7 +15,7 @@ final class LuaApplication: WebSocketApplication {
         plugins.open(
             EngineConnection(connection),
             id: connection.id,
-            request: ScriptRequest(path: request.path, query: request.query, headers: request.headers.map { ($0.name, $0.value) })
+            request: ScriptRequest(path: request.path, query: request.query, headers: request.headers.map { ($0.name, $0.value) }, subprotocol: request.subprotocol)
         )
     }
 
@@ -29,6 +29,12 @@ final class LuaApplication: WebSocketApplication {
 
     func closed(_ connection: WebSocketConnection, code: UInt16, reason: String) {
         plugins.closed(id: connection.id, code: code, reason: reason)
+    }
+
+    /// The first protocol in the client's order of preference that some plugin declares.
+    func subprotocol(offered: [String], path: String) -> String? {
+        let supported = plugins.subprotocols
+        return offered.first { supported.contains($0) }
     }
 }
 

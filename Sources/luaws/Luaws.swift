@@ -2,6 +2,7 @@ import ArgumentParser
 import Dispatch
 import Foundation
 import Logging
+import NIOCore
 import ScriptHost
 import WSEngine
 
@@ -16,6 +17,11 @@ struct Luaws: AsyncParsableCommand {
 }
 
 extension Logger.Level: @retroactive ExpressibleByArgument {}
+extension SlowConsumerPolicy: ExpressibleByArgument {}
+
+extension TimeAmount {
+    static func seconds(_ value: Double) -> TimeAmount { .nanoseconds(Int64((value * 1e9).rounded())) }
+}
 
 struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Serve WebSockets with the Lua plugins of a scripts folder (the default command).")
@@ -50,6 +56,30 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Largest message accepted, in bytes (larger: closed with 1009).")
     var maxMessageSize = ServerConfiguration().maxMessageSize
 
+    @Option(name: .customLong("allow-origin"), help: "Browser Origin allowed to connect, e.g. https://example.com (repeatable; default: any).")
+    var allowedOrigins: [String] = []
+
+    @Option(help: "Open WebSocket connections at most (more get 503).")
+    var maxConnections = ServerConfiguration().maxConnections
+
+    @Option(help: "Seconds an HTTP connection may take to send a complete request.")
+    var handshakeTimeout = 10.0
+
+    @Option(help: "Seconds of silence from a client before the server pings it.")
+    var pingInterval = 30.0
+
+    @Option(help: "Seconds to wait for anything after a ping before dropping the client.")
+    var pongTimeout = 30.0
+
+    @Option(help: "Close (1001) a client that sent no message for this many seconds (0 = never).")
+    var idleTimeout = 0.0
+
+    @Option(help: "Bytes queued for one client before it counts as a slow consumer.")
+    var maxOutboundBytes = ServerConfiguration().maxOutboundBytes
+
+    @Option(help: "close (1008) or drop: what happens to a slow consumer.")
+    var slowConsumer = SlowConsumerPolicy.close
+
     @Flag(inversion: .prefixedNo, help: "Offer permessage-deflate compression (RFC 7692).")
     var compression = true
 
@@ -59,6 +89,9 @@ struct Serve: AsyncParsableCommand {
     func validate() throws {
         for item in vars where !item.contains("=") {
             throw ValidationError("--var takes NAME=VALUE, got '\(item)'")
+        }
+        for value in [handshakeTimeout, pingInterval, pongTimeout] where !(value > 0) {
+            throw ValidationError("timeouts and intervals must be positive numbers of seconds")
         }
         for path in webSocketPaths where !path.hasPrefix("/") {
             throw ValidationError("--ws-path must start with /, got '\(path)'")
@@ -96,6 +129,14 @@ struct Serve: AsyncParsableCommand {
         configuration.maxMessageSize = maxMessageSize
         configuration.maxFrameSize = maxMessageSize
         configuration.compression = compression
+        configuration.allowedOrigins = allowedOrigins.isEmpty ? nil : Set(allowedOrigins)
+        configuration.maxConnections = maxConnections
+        configuration.handshakeTimeout = .seconds(handshakeTimeout)
+        configuration.pingInterval = .seconds(pingInterval)
+        configuration.pongTimeout = .seconds(pongTimeout)
+        configuration.idleTimeout = idleTimeout > 0 ? .seconds(idleTimeout) : nil
+        configuration.maxOutboundBytes = maxOutboundBytes
+        configuration.slowConsumerPolicy = slowConsumer
         if let threads { configuration.eventLoops = threads }
         var isDirectory: ObjCBool = false
         if FileManager.default.fileExists(atPath: publicDirectory, isDirectory: &isDirectory), isDirectory.boolValue {
