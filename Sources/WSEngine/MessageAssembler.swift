@@ -49,7 +49,7 @@ struct MessageAssembler {
     /// Takes one data frame's unmasked payload. Returns the message when `fin` completes one.
     /// `compressed` is the first frame's RSV1 under permessage-deflate: the message's text is
     /// then validated after inflating, not here.
-    mutating func append(opcode: WebSocketOpcode, fin: Bool, compressed: Bool = false, data: ByteBuffer) throws(ProtocolFailure) -> AssembledMessage? {
+    mutating func append(opcode: WebSocketOpcode, fin: Bool, compressed rsv1: Bool = false, data: ByteBuffer) throws(ProtocolFailure) -> AssembledMessage? {
         switch opcode {
         case .text, .binary:
             guard kind == nil else {
@@ -57,10 +57,10 @@ struct MessageAssembler {
             }
             let newKind: WebSocketMessage.Kind = opcode == .text ? .text : .binary
             try checkSize(data.readableBytes)
-            if newKind == .text && !compressed { try validate(data, final: fin) }
-            if fin { return AssembledMessage(kind: newKind, data: data, compressed: compressed) }
+            if newKind == .text && !rsv1 { try validate(data, final: fin) }
+            if fin { return AssembledMessage(kind: newKind, data: data, compressed: rsv1) }
             kind = newKind
-            self.compressed = compressed
+            compressed = rsv1
             buffer = data
             return nil
 
@@ -75,6 +75,7 @@ struct MessageAssembler {
             assembled.writeBuffer(&piece)
             if fin {
                 kind = nil
+                defer { compressed = false }
                 return AssembledMessage(kind: current, data: assembled, compressed: compressed)
             }
             buffer = assembled

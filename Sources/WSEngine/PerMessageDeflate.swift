@@ -38,8 +38,10 @@ struct DeflateParameters: Equatable, Sendable {
         var result = DeflateParameters()
         var seen: Set<String> = []
         for part in parts {
-            let pair = part.split(separator: "=", maxSplits: 1).map { $0.trimmingCharacters(in: .whitespaces) }
+            let pair = part.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+                .map { $0.trimmingCharacters(in: .whitespaces) }
             let name = pair[0].lowercased()
+            guard !name.isEmpty else { return nil }  // ";;" or ";=x": malformed, decline
             var value = pair.count > 1 ? pair[1] : nil
             if let v = value, v.count >= 2, v.hasPrefix("\""), v.hasSuffix("\"") { value = String(v.dropFirst().dropLast()) }
             guard seen.insert(name).inserted else { return nil }  // a parameter twice: decline

@@ -64,46 +64,7 @@ public final class WebSocketServer: Sendable {
         logger: Logger
     ) async throws -> Channel {
         let files = configuration.publicDirectory.map { StaticFiles(root: $0, threadPool: threadPool) }
-        let paths = configuration.webSocketPaths
-        let counter = ConnectionCounter(limit: configuration.maxConnections)
-        let upgrader = NIOWebSocketServerUpgrader(
-            maxFrameSize: configuration.maxFrameSize,
-            automaticErrorHandling: true,
-            shouldUpgrade: { channel, head in
-                // Refusals return nil; HTTPHandler then answers the request with the reason.
-                let path = String(head.uri.prefix { $0 != "?" && $0 != "#" })
-                // RFC 6455 §4.1: the handshake is an HTTP/1.1 GET.
-                guard paths.contains(path), head.method == .GET, head.version.major == 1 && head.version.minor >= 1,
-                      HTTPHandler.originAllowed(head, configuration), counter.acquire()
-                else {
-                    return channel.eventLoop.makeSucceededFuture(nil)
-                }
-                channel.closeFuture.whenComplete { _ in counter.release() }
-                var headers = HTTPHeaders()
-                if configuration.compression, let deflate = DeflateParameters.negotiate(head.headers) {
-                    headers.add(name: "Sec-WebSocket-Extensions", value: deflate.responseHeader)
-                }
-                let offered = WebSocketRequest.offeredSubprotocols(head.headers)
-                if !offered.isEmpty, let loop = loops[ObjectIdentifier(channel.eventLoop)]?.value,
-                   let chosen = loop.application.subprotocol(offered: offered, path: path), offered.contains(chosen) {
-                    headers.add(name: "Sec-WebSocket-Protocol", value: chosen)
-                }
-                return channel.eventLoop.makeSucceededFuture(headers)
-            },
-            upgradePipelineHandler: { channel, head in
-                channel.eventLoop.makeCompletedFuture {
-                    let loop = loops[ObjectIdentifier(channel.eventLoop)]!.value
-                    var request = WebSocketRequest(head: head, remoteAddress: channel.remoteAddress)
-                    let offered = WebSocketRequest.offeredSubprotocols(head.headers)
-                    if !offered.isEmpty, let chosen = loop.application.subprotocol(offered: offered, path: request.path), offered.contains(chosen) {
-                        request.subprotocol = chosen
-                    }
-                    let deflate = configuration.compression ? DeflateParameters.negotiate(head.headers) : nil
-                    let handler = WebSocketConnectionHandler(id: loop.makeID(), request: request, deflate: deflate, loop: loop, configuration: configuration)
-                    try channel.pipeline.syncOperations.addHandler(handler)
-                }
-            }
-        )
+        let pipeline = ServerPipeline(configuration: configuration, files: files, loops: loops)
         return try await ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -111,16 +72,7 @@ public final class WebSocketServer: Sendable {
             .childChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.writeBufferWaterMark, value: .init(low: configuration.maxOutboundBytes / 2, high: configuration.maxOutboundBytes))
             .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    let http = HTTPHandler(configuration: configuration, files: files, counter: counter)
-                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(
-                        withServerUpgrade: (upgraders: [upgrader], completionHandler: { context in
-                            context.pipeline.syncOperations.removeHandler(name: "luaws.http", promise: nil)
-                        }),
-                        withErrorHandling: true
-                    )
-                    try channel.pipeline.syncOperations.addHandler(http, name: "luaws.http")
-                }
+                channel.eventLoop.makeCompletedFuture { try pipeline.configure(channel) }
             }
             .bind(host: configuration.host, port: configuration.port)
             .get()

@@ -98,3 +98,25 @@ def test_corrupt_compressed_data_is_1007(server):
     c.send_frame(0x1, b"\xff\xff\xff\xff garbage", rsv=0b100)
     assert c.recv_close() == 1007
     c.close()
+
+
+def test_fragmented_compressed_message(server):
+    import socket
+    from rawws import RawClient as _R
+    c = _R.__new__(_R)
+    c.sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    c.sock.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                   b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n")
+    c.buffer = b""
+    c._read_until(b"\r\n\r\n")
+    body = zlib.compressobj(wbits=-15)
+    data = (body.compress("é".encode() * 500) + body.flush(zlib.Z_SYNC_FLUSH))[:-4]
+    c.send_frame(0x1, data[:3], fin=False, rsv=0b100)
+    c.send_frame(0x9, b"ping in between")
+    c.send_frame(0x0, data[3:])
+    assert c.recv_frame() == (True, 0xA, b"ping in between")
+    fin, opcode, payload = c.recv_frame()
+    reply = zlib.decompressobj(wbits=-15).decompress(payload + b"\x00\x00\xff\xff") if opcode == 1 else payload
+    assert reply.decode() == "Message received: " + "é" * 500
+    c.close()

@@ -1,0 +1,85 @@
+import NIOCore
+import NIOHTTP1
+import NIOWebSocket
+
+/// The handlers of one accepted connection: HTTP/1.1 with the WebSocket upgrade, `HTTPHandler`
+/// for everything that is not an upgrade, and after the upgrade NIO's frame codec with
+/// `WebSocketConnectionHandler`. Shared by the server and the fuzz harness.
+struct ServerPipeline: Sendable {
+    let configuration: ServerConfiguration
+    let files: StaticFiles?
+    let counter: ConnectionCounter
+    private let upgrader: NIOWebSocketServerUpgrader
+
+    init(configuration: ServerConfiguration, files: StaticFiles?, loops: [ObjectIdentifier: NIOLoopBound<LoopState>]) {
+        self.configuration = configuration
+        self.files = files
+        let counter = ConnectionCounter(limit: configuration.maxConnections)
+        self.counter = counter
+        upgrader = NIOWebSocketServerUpgrader(
+            maxFrameSize: configuration.maxFrameSize,
+            automaticErrorHandling: true,
+            shouldUpgrade: { channel, head in
+                // Refusals return nil; HTTPHandler then answers the request with the reason.
+                guard let loop = loops[ObjectIdentifier(channel.eventLoop)]?.value,
+                      let agreed = Handshake(head, configuration: configuration, application: loop.application),
+                      counter.acquire()
+                else {
+                    return channel.eventLoop.makeSucceededFuture(nil)
+                }
+                channel.closeFuture.whenComplete { _ in counter.release() }
+                return channel.eventLoop.makeSucceededFuture(agreed.responseHeaders)
+            },
+            upgradePipelineHandler: { channel, head in
+                channel.eventLoop.makeCompletedFuture {
+                    let loop = loops[ObjectIdentifier(channel.eventLoop)]!.value
+                    let agreed = Handshake(head, configuration: configuration, application: loop.application)
+                    var request = WebSocketRequest(head: head, remoteAddress: channel.remoteAddress)
+                    request.subprotocol = agreed?.subprotocol
+                    let handler = WebSocketConnectionHandler(
+                        id: loop.makeID(), request: request, deflate: agreed?.deflate, loop: loop, configuration: configuration)
+                    try channel.pipeline.syncOperations.addHandler(handler)
+                }
+            }
+        )
+    }
+
+    func configure(_ channel: Channel) throws {
+        let http = HTTPHandler(configuration: configuration, files: files, counter: counter)
+        try channel.pipeline.syncOperations.configureHTTPServerPipeline(
+            withServerUpgrade: (upgraders: [upgrader], completionHandler: { context in
+                context.pipeline.syncOperations.removeHandler(name: "luaws.http", promise: nil)
+            }),
+            withErrorHandling: true
+        )
+        try channel.pipeline.syncOperations.addHandler(http, name: "luaws.http")
+    }
+}
+
+/// What the server agrees to for one upgrade request, or nil if it refuses it. Deterministic in
+/// the request, so the upgrader's two callbacks reach the same answer.
+struct Handshake {
+    var deflate: DeflateParameters?
+    var subprotocol: String?
+
+    init?(_ head: HTTPRequestHead, configuration: ServerConfiguration, application: WebSocketApplication) {
+        let path = String(head.uri.prefix { $0 != "?" && $0 != "#" })
+        // RFC 6455 §4.1: the handshake is an HTTP/1.1 GET.
+        guard configuration.webSocketPaths.contains(path), head.method == .GET,
+              head.version.major == 1 && head.version.minor >= 1,
+              HTTPHandler.originAllowed(head, configuration)
+        else { return nil }
+        deflate = configuration.compression ? DeflateParameters.negotiate(head.headers) : nil
+        let offered = WebSocketRequest.offeredSubprotocols(head.headers)
+        if !offered.isEmpty, let chosen = application.subprotocol(offered: offered, path: path), offered.contains(chosen) {
+            subprotocol = chosen
+        }
+    }
+
+    var responseHeaders: HTTPHeaders {
+        var headers = HTTPHeaders()
+        if let deflate { headers.add(name: "Sec-WebSocket-Extensions", value: deflate.responseHeader) }
+        if let subprotocol { headers.add(name: "Sec-WebSocket-Protocol", value: subprotocol) }
+        return headers
+    }
+}
