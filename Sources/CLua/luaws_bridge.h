@@ -150,6 +150,23 @@ static int luaws_core_send(lua_State *L) {
     return 1;
 }
 
+/* conn:send(text) and conn:send_binary(bytes), straight from the method call: the connection
+ * id is the `id` field of the conn table. Written in C because it is the hot path. */
+static int luaws_conn_send_kind(lua_State *L, int binary) {
+    luaws_host *h = luaws_host_of(L);
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_getfield(L, 1, "id");
+    lua_Integer id = lua_tointeger(L, -1);
+    size_t len = 0;
+    const char *data;
+    if (binary) data = luaL_checklstring(L, 2, &len);
+    else data = luaL_tolstring(L, 2, &len);   /* any value, as tostring() would show it */
+    lua_pushboolean(L, h->send(h->swift, id, data, len, binary) == 0);
+    return 1;
+}
+static int luaws_conn_send(lua_State *L) { return luaws_conn_send_kind(L, 0); }
+static int luaws_conn_send_binary(lua_State *L) { return luaws_conn_send_kind(L, 1); }
+
 static int luaws_core_close(lua_State *L) {
     luaws_host *h = luaws_host_of(L);
     lua_Integer id = luaL_checkinteger(L, 1);
@@ -478,6 +495,8 @@ static int luaws_msgh(lua_State *L) {
 static void luaws_push_core(lua_State *L) {
     static const luaL_Reg core[] = {
         {"send", luaws_core_send},
+        {"conn_send", luaws_conn_send},
+        {"conn_send_binary", luaws_conn_send_binary},
         {"close", luaws_core_close},
         {"log", luaws_core_log},
         {"utcnow_iso", luaws_core_utcnow_iso},

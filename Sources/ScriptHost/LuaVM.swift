@@ -206,19 +206,7 @@ final class LuaVM {
             }
             return luaws_call(state, function, cArgs.baseAddress, Int32(cArgs.count), wantRef ? 1 : 0, &result)
         }
-        guard status == LUA_OK else {
-            let kind: LuaError.Kind
-            if host.pointee.budget_hit != 0 {
-                kind = .budget
-            } else if status == LUA_ERRMEM {
-                kind = .memory
-            } else if status == LUA_ERRSYNTAX {
-                kind = .syntax
-            } else {
-                kind = .runtime
-            }
-            throw LuaError(kind: kind, message: Self.errorText(host))
-        }
+        guard status == LUA_OK else { throw error(status) }
         return LuaResult(
             isNil: result.type == LUA_TNIL,
             truthy: result.boolean != 0,
@@ -227,6 +215,46 @@ final class LuaVM {
             string: result.str.map { String(decoding: UnsafeRawBufferPointer(start: $0, count: result.len), as: UTF8.self) },
             ref: result.ref == LUA_NOREF ? nil : result.ref
         )
+    }
+
+    /// The hot path of `call`: a hook with the connection and, optionally, a payload and its
+    /// kind, with no array or closure allocated.
+    func callHook(_ function: Int32, connection: Int32, payload: ByteBuffer? = nil, kind: StaticString? = nil) throws -> Bool {
+        var args = (luaws_arg(), luaws_arg(), luaws_arg())
+        args.0.type = Int32(LUAWS_ARG_REF)
+        args.0.i = Int64(connection)
+        var result = luaws_result()
+        let status: Int32 = withUnsafeMutablePointer(to: &args) { tuple in
+            tuple.withMemoryRebound(to: luaws_arg.self, capacity: 3) { argv in
+                guard let payload else { return luaws_call(state, function, argv, 1, 0, &result) }
+                return payload.withUnsafeReadableBytes { bytes in
+                    argv[1].type = Int32(LUAWS_ARG_STR)
+                    argv[1].s = bytes.baseAddress?.assumingMemoryBound(to: CChar.self)
+                    argv[1].len = bytes.count
+                    guard let kind else { return luaws_call(state, function, argv, 2, 0, &result) }
+                    argv[2].type = Int32(LUAWS_ARG_STR)
+                    argv[2].s = UnsafeRawPointer(kind.utf8Start).assumingMemoryBound(to: CChar.self)
+                    argv[2].len = kind.utf8CodeUnitCount
+                    return luaws_call(state, function, argv, 3, 0, &result)
+                }
+            }
+        }
+        guard status == LUA_OK else { throw error(status) }
+        return result.boolean != 0
+    }
+
+    private func error(_ status: Int32) -> LuaError {
+        let kind: LuaError.Kind
+        if host.pointee.budget_hit != 0 {
+            kind = .budget
+        } else if status == LUA_ERRMEM {
+            kind = .memory
+        } else if status == LUA_ERRSYNTAX {
+            kind = .syntax
+        } else {
+            kind = .runtime
+        }
+        return LuaError(kind: kind, message: Self.errorText(host))
     }
 
     func unref(_ ref: Int32) {

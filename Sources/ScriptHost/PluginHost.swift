@@ -69,6 +69,14 @@ public final class PluginHost {
     /// Scheduled Lua timers by id, with the connection that owns each (0: the plugin).
     private var timers: [Int64: (task: Scheduled<Void>, connection: Int64)] = [:]
     private var plugins: [Plugin] = []
+    /// For each hook, the plugins that have it (index into `plugins`, function), in order:
+    /// dispatch walks only these.
+    private var hooks: [Hook: [(plugin: Int, function: Int32)]] = [:]
+    private var messageHooks: [(plugin: Int, function: Int32)] = []
+
+    private enum Hook: String, CaseIterable {
+        case onOpen = "on_open", onMessage = "on_message", onClose = "on_close", onReload = "on_reload"
+    }
     private var setRef: Int32?
     /// Index into `plugins` of the plugin behind each idle timer.
     private var idleTimerPlugins: [Int] = []
@@ -155,6 +163,20 @@ public final class PluginHost {
         for plugin in plugins { plugin.refs.forEach(vm.unref) }
         if let setRef { vm.unref(setRef) }
         plugins = loaded
+        hooks = [:]
+        for hook in Hook.allCases {
+            hooks[hook] = plugins.indices.compactMap { index in
+                let plugin = plugins[index]
+                let function: Int32? = switch hook {
+                case .onOpen: plugin.onOpen
+                case .onMessage: plugin.onMessage
+                case .onClose: plugin.onClose
+                case .onReload: plugin.onReload
+                }
+                return function.map { (index, $0) }
+            }
+        }
+        messageHooks = hooks[.onMessage] ?? []
         subprotocols = loadedProtocols
         setRef = newSet
         idleTimerPlugins = plugins.indices.filter { plugins[$0].onIdle != nil && plugins[$0].idle != nil }
@@ -227,20 +249,28 @@ public final class PluginHost {
             }
             connections[id] = Connection(handle: handle, ref: ref, path: request.path)
             handle.setIdleTimers(idleTimers)
-            dispatch(\.onOpen, "on_open", [.ref(ref)])
+            dispatch(.onOpen, connection: ref)
 
         case .message(let id, let data, let binary):
             guard let connection = connections[id] else { return }
-            dispatch(\.onMessage, "on_message", [.ref(connection.ref), .bytes(data), .string(binary ? "binary" : "text")])
+            for (index, function) in messageHooks {
+                do {
+                    if try vm.callHook(function, connection: connection.ref, payload: data, kind: binary ? "binary" : "text") { break }
+                } catch {
+                    report(error, plugin: plugins[index], hook: "on_message")
+                }
+            }
 
         case .idle(let id, let timer):
             guard let connection = connections[id], timer < idleTimerPlugins.count else { return }
             let plugin = plugins[idleTimerPlugins[timer]]
-            if let fn = plugin.onIdle { _ = invoke(plugin, "on_idle", fn, [.ref(connection.ref)]) }
+            if let fn = plugin.onIdle {
+                do { _ = try vm.callHook(fn, connection: connection.ref) } catch { report(error, plugin: plugin, hook: "on_idle") }
+            }
 
         case .closed(let id, let code, let reason):
             guard let connection = connections[id] else { return }
-            dispatch(\.onClose, "on_close", [.ref(connection.ref), .int(Int64(code)), .string(reason)])
+            dispatch(.onClose, [.ref(connection.ref), .int(Int64(code)), .string(reason)])
             // After on_close, so that it may still look at what it subscribed to.
             connections[id] = nil
             for channel in connection.channels { unsubscribe(id, from: channel) }
@@ -258,7 +288,7 @@ public final class PluginHost {
 
         case .reloaded:
             for connection in connections.values {
-                dispatch(\.onReload, "on_reload", [.ref(connection.ref)])
+                dispatch(.onReload, connection: connection.ref)
             }
         }
     }
@@ -324,21 +354,25 @@ public final class PluginHost {
         if entry.connection != 0 { connections[entry.connection]?.timers.remove(timer) }
     }
 
-    /// Calls `hook` of every plugin that has it, in order, until one returns true.
-    private func dispatch(_ hook: KeyPath<Plugin, Int32?>, _ name: String, _ args: [LuaArg]) {
-        for plugin in plugins {
-            guard let fn = plugin[keyPath: hook] else { continue }
-            if invoke(plugin, name, fn, args) { break }
+    /// Calls `hook` of every plugin that has it, in order, until one returns true. A hook that
+    /// fails is reported and the next plugin still sees the event.
+    private func dispatch(_ hook: Hook, connection: Int32) {
+        for (index, function) in hooks[hook] ?? [] {
+            do {
+                if try vm.callHook(function, connection: connection) { break }
+            } catch {
+                report(error, plugin: plugins[index], hook: hook.rawValue)
+            }
         }
     }
 
-    /// One protected call; an error is logged and counted, and the connection carries on.
-    private func invoke(_ plugin: Plugin, _ hook: String, _ fn: Int32, _ args: [LuaArg]) -> Bool {
-        do {
-            return try vm.call(fn, args).truthy
-        } catch {
-            report(error, plugin: plugin, hook: hook)
-            return false
+    private func dispatch(_ hook: Hook, _ args: [LuaArg]) {
+        for (index, function) in hooks[hook] ?? [] {
+            do {
+                if try vm.call(function, args).truthy { break }
+            } catch {
+                report(error, plugin: plugins[index], hook: hook.rawValue)
+            }
         }
     }
 
@@ -357,9 +391,7 @@ public final class PluginHost {
 extension PluginHost: LuaVMDelegate {
     func luaSend(connection id: Int64, bytes: UnsafeRawBufferPointer, binary: Bool) -> Bool {
         guard let connection = connections[id] else { return false }
-        var buffer = ByteBufferAllocator().buffer(capacity: bytes.count)
-        buffer.writeBytes(bytes)
-        return connection.handle.send(buffer, binary: binary)
+        return connection.handle.send(ByteBuffer(bytes: bytes), binary: binary)
     }
 
     func luaClose(connection id: Int64, code: UInt16, reason: String) -> Bool {

@@ -150,15 +150,9 @@ luaws.json = {
 local Conn = {}
 local conn_methods = {}
 
-function conn_methods:send(text)
-  if type(text) ~= "string" then text = tostring(text) end
-  return core.send(rawget(self, "id"), text, false)
-end
-
-function conn_methods:send_binary(bytes)
-  if type(bytes) ~= "string" then error("send_binary expects a string of bytes", 2) end
-  return core.send(rawget(self, "id"), bytes, true)
-end
+-- conn:send(text) and conn:send_binary(bytes) are C functions (the hot path).
+conn_methods.send = core.conn_send
+conn_methods.send_binary = core.conn_send_binary
 
 function conn_methods:close(code, reason)
   return core.close(rawget(self, "id"), code, reason)
@@ -204,24 +198,20 @@ local function parse_headers(raw)
   return h
 end
 
--- `headers`, `query` and `data` are made on first use: most connections never ask.
+-- `headers`, `query` and `data` are made on first use: most connections never ask for them.
+local lazy_fields = {
+  headers = function(self) return parse_headers(rawget(self, "_raw_headers")) end,
+  query = function(self) return parse_query(rawget(self, "_raw_query")) end,
+  data = function() return {} end,
+}
 Conn.__index = function(self, key)
   local m = conn_methods[key]
   if m ~= nil then return m end
-  if key == "headers" then
-    local h = parse_headers(rawget(self, "_raw_headers"))
-    rawset(self, "headers", h)
-    return h
-  elseif key == "query" then
-    local q = parse_query(rawget(self, "_raw_query"))
-    rawset(self, "query", q)
-    return q
-  elseif key == "data" then
-    local d = {}
-    rawset(self, "data", d)
-    return d
-  end
-  return nil
+  local make = lazy_fields[key]
+  if make == nil then return nil end
+  local value = make(self)
+  rawset(self, key, value)
+  return value
 end
 Conn.__tostring = function(self) return "luaws.conn(" .. rawget(self, "id") .. ")" end
 Conn.__metatable = "luaws.conn"

@@ -43,7 +43,8 @@ public final class WebSocketConnection {
     /// Unique within this server process.
     public let id: Int64
     public let request: WebSocketRequest
-    weak var handler: WebSocketConnectionHandler?
+    /// Strong while the connection is open (a weak load per send costs); cleared when it closes.
+    var handler: WebSocketConnectionHandler?
 
     init(id: Int64, request: WebSocketRequest, handler: WebSocketConnectionHandler) {
         self.id = id

@@ -15,7 +15,10 @@ import NIOWebSocket
 /// `opened` once when the handler is added and `closed` once when the channel goes inactive.
 final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = WebSocketFrame
-    typealias OutboundOut = WebSocketFrame
+    typealias OutboundOut = ByteBuffer
+
+    /// Where encoded frames go (first in the pipeline): set before the handler is added.
+    var output: FrameOutput!
 
     private enum State { case open, closing, closed }
 
@@ -98,9 +101,12 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        // Decoder errors were answered with a close frame by WebSocketProtocolErrorHandler,
-        // which also closes the channel; I/O errors close it here.
-        if !(error is NIOWebSocketError) {
+        // NIO's frame decoder refuses bad lengths and bad control frames: fail the connection
+        // with the matching code. Anything else (I/O errors) just closes it.
+        if let error = error as? NIOWebSocketError {
+            let code: UInt16 = error == .invalidFrameLength ? ProtocolFailure.tooLarge : ProtocolFailure.protocolError
+            fail(ProtocolFailure(code: code, reason: "\(error)"))
+        } else {
             loop.logger.debug("connection \(id): \(error)")
             context.close(promise: nil)
         }
@@ -149,7 +155,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
 
         case .ping:
             guard state == .open else { return }
-            write(WebSocketFrame(fin: true, opcode: .pong, data: payload))
+            write(.pong, payload)
             needsFlush = true
 
         case .pong:
@@ -224,8 +230,10 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         guard let context else { return }
         state = .closed
         let loopContext = context.loopBound
-        context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .connectionClose, data: payload)))
-            .whenComplete { _ in loopContext.value.close(promise: nil) }
+        let written = context.eventLoop.makePromise(of: Void.self)
+        write(.connectionClose, payload, promise: written)
+        output.context?.flush()
+        written.futureResult.whenComplete { _ in loopContext.value.close(promise: nil) }
     }
 
     private static func closePayload(code: UInt16, reason: String, allocator: ByteBufferAllocator) -> ByteBuffer {
@@ -245,11 +253,11 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         let opcode: WebSocketOpcode = binary ? .binary : .text
         if let deflate, data.readableBytes >= configuration.compressionThreshold,
            let compressed = try? loop.deflate.compress(data, windowBits: deflate.serverWindowBits, allocator: context.channel.allocator) {
-            write(WebSocketFrame(fin: true, rsv1: true, opcode: opcode, data: compressed))
+            write(opcode, compressed, rsv1: true)
         } else {
-            write(WebSocketFrame(fin: true, opcode: opcode, data: data))
+            write(opcode, data)
         }
-        if dispatching { needsFlush = true } else { context.flush() }
+        if dispatching { needsFlush = true } else { output.context?.flush() }
         return true
     }
 
@@ -264,7 +272,8 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
             loop.logger.info("connection \(id): slow consumer (over \(configuration.maxOutboundBytes) bytes queued), closing with 1008")
             state = .closed
             let payload = Self.closePayload(code: 1008, reason: "slow consumer", allocator: context.channel.allocator)
-            context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .connectionClose, data: payload)), promise: nil)
+            write(.connectionClose, payload)
+            output.context?.flush()
             context.close(promise: nil)
             return false
         }
@@ -281,7 +290,8 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         var reasonBytes = reason
         while reasonBytes.utf8.count > 123 { reasonBytes.removeLast() }
         let payload = Self.closePayload(code: code, reason: reasonBytes, allocator: context.channel.allocator)
-        context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .connectionClose, data: payload)), promise: nil)
+        write(.connectionClose, payload)
+        output.context?.flush()
         let loopContext = context.loopBound
         closeTimeout = context.eventLoop.assumeIsolated().scheduleTask(in: configuration.closeTimeout) {
             loopContext.value.close(promise: nil)
@@ -331,7 +341,8 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         }
         if pingSentAt == nil, now >= lastHeard + configuration.pingInterval {
             pingSentAt = now
-            context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .ping, data: context.channel.allocator.buffer(capacity: 0))), promise: nil)
+            write(.ping, context.channel.allocator.buffer(capacity: 0))
+            output.context?.flush()
         }
         scheduleKeepAlive(context: context)
     }
@@ -373,14 +384,21 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
 
     // MARK: helpers
 
-    private func write(_ frame: WebSocketFrame) {
-        context?.write(wrapOutboundOut(frame), promise: nil)
+    /// Encodes and queues one frame (flushed later); `promise` completes when it is written.
+    private func write(_ opcode: WebSocketOpcode, _ payload: ByteBuffer, rsv1: Bool = false, promise: EventLoopPromise<Void>? = nil) {
+        guard let out = output.context else {
+            promise?.fail(ChannelError.ioOnClosedChannel)
+            return
+        }
+        FrameWriter.frame(opcode: opcode, rsv1: rsv1, payload: payload, allocator: out.channel.allocator) { bytes, last in
+            out.write(wrapOutboundOut(bytes), promise: last ? promise : nil)
+        }
     }
 
     private func flushIfNeeded() {
         if needsFlush {
             needsFlush = false
-            context?.flush()
+            output.context?.flush()
         }
     }
 
@@ -407,6 +425,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         let code = clientClose?.code ?? 1006
         let reason = clientClose?.reason ?? ""
         let connection = self.connection!
+        connection.handler = nil  // the handler and its connection refer to each other until now
         let application = loop.application
         if dispatching {
             // Never re-enter the application from inside its own call.

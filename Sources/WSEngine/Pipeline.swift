@@ -18,7 +18,7 @@ struct ServerPipeline: Sendable {
         self.counter = counter
         upgrader = NIOWebSocketServerUpgrader(
             maxFrameSize: configuration.maxFrameSize,
-            automaticErrorHandling: true,
+            automaticErrorHandling: false,  // WebSocketConnectionHandler answers decoder errors
             shouldUpgrade: { channel, head in
                 // Refusals return nil; HTTPHandler then answers the request with the reason.
                 guard let loop = loops[ObjectIdentifier(channel.eventLoop)]?.value,
@@ -38,6 +38,10 @@ struct ServerPipeline: Sendable {
                     request.subprotocol = agreed?.subprotocol
                     let handler = WebSocketConnectionHandler(
                         id: loop.makeID(), request: request, deflate: agreed?.deflate, loop: loop, configuration: configuration)
+                    // The handler encodes its frames itself and writes them through FrameOutput.
+                    let output = FrameOutput()
+                    try channel.pipeline.syncOperations.addHandler(output, position: .first)
+                    handler.output = output
                     try channel.pipeline.syncOperations.addHandler(handler)
                 }
             }

@@ -1,0 +1,359 @@
+/*
+ * wsbench: a small, fast, honest WebSocket load generator (one thread, epoll).
+ *
+ *   wsbench [options] ws://127.0.0.1:PORT/PATH
+ *
+ * echo mode (default): C connections each keep P messages of S bytes in flight; every reply
+ *   is checked byte for byte against PREFIX + the message sent (each message carries the
+ *   connection's sequence number, so a lost, duplicated or reordered reply is a mismatch).
+ *   Reports messages/s, latency percentiles, errors, mismatches and, with -P, the server's CPU
+ *   time per message (utime+stime from /proc/PID/stat over the measured window).
+ * idle mode (-m idle): opens C connections, holds them H seconds and reports the server's RSS
+ *   growth per connection (with -P) and the text pushes received (count and how late against
+ *   the expected period -e).
+ *
+ * Loopback only: the host must be 127.0.0.1 or ::1. Every run is bounded by -d / -H.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef struct {
+    int fd;
+    int state;              /* 0 connecting/handshake, 1 open, 2 dead */
+    uint64_t next_seq;      /* next message to send */
+    uint64_t next_reply;    /* next reply expected */
+    uint64_t *sent_at;      /* ring of send times, size depth */
+    char *in; size_t in_len, in_cap;
+    char *out; size_t out_len, out_off, out_cap;
+    uint64_t opened_at;
+    uint64_t pushes;
+} conn_t;
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* ---- latency histogram: 64 linear sub-buckets per power of two, in ns ---- */
+#define SUB 64
+static uint64_t hist[64 * SUB];
+static uint64_t hist_count;
+static void hist_add(uint64_t ns) {
+    if (ns < SUB) { hist[ns]++; hist_count++; return; }
+    int msb = 63 - __builtin_clzll(ns);
+    int shift = msb - 6;
+    uint64_t sub = (ns >> shift) & (SUB - 1);
+    hist[(shift + 1) * SUB + sub]++;
+    hist_count++;
+}
+static double hist_pct(double p) {
+    uint64_t target = (uint64_t)(p / 100.0 * (double)hist_count), seen = 0;
+    for (int i = 0; i < 64 * SUB; i++) {
+        seen += hist[i];
+        if (seen > target && hist[i]) {
+            if (i < SUB) return (double)i;
+            int shift = i / SUB - 1;
+            uint64_t sub = (uint64_t)(i % SUB);
+            return (double)(((uint64_t)SUB + sub) << shift);
+        }
+    }
+    return 0;
+}
+
+/* ---- server figures from /proc ---- */
+static int npids; static int pids[16];
+static long long server_cpu_ticks(void) {
+    long long total = 0;
+    for (int i = 0; i < npids; i++) {
+        char path[64], buf[4096];
+        snprintf(path, sizeof path, "/proc/%d/stat", pids[i]);
+        FILE *f = fopen(path, "r");
+        if (!f) continue;
+        size_t n = fread(buf, 1, sizeof buf - 1, f);
+        fclose(f);
+        buf[n] = 0;
+        char *p = strrchr(buf, ')');
+        if (!p) continue;
+        unsigned long utime = 0, stime = 0;
+        /* fields after ")": state(3) ... utime(14) stime(15) */
+        sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &utime, &stime);
+        total += (long long)(utime + stime);
+    }
+    return total;
+}
+static long long server_rss_kb(void) {
+    long long total = 0;
+    for (int i = 0; i < npids; i++) {
+        char path[64], line[256];
+        snprintf(path, sizeof path, "/proc/%d/status", pids[i]);
+        FILE *f = fopen(path, "r");
+        if (!f) continue;
+        while (fgets(line, sizeof line, f))
+            if (strncmp(line, "VmRSS:", 6) == 0) total += atoll(line + 6);
+        fclose(f);
+    }
+    return total;
+}
+
+/* ---- options ---- */
+static int C = 50, P = 1, S = 16, idle_mode = 0;
+static double duration = 5, warmup = 1, hold = 12, period = 0;
+static const char *prefix = "Message received: ";
+static char host[64] = "127.0.0.1", path[256] = "/ws";
+static int port;
+
+static void die(const char *m) { perror(m); exit(2); }
+
+static void out_reserve(conn_t *c, size_t more) {
+    if (c->out_len + more <= c->out_cap) return;
+    if (c->out_off > 0) {
+        memmove(c->out, c->out + c->out_off, c->out_len - c->out_off);
+        c->out_len -= c->out_off; c->out_off = 0;
+        if (c->out_len + more <= c->out_cap) return;
+    }
+    c->out_cap = (c->out_len + more) * 2;
+    c->out = realloc(c->out, c->out_cap);
+}
+
+/* The payload of message `seq`: its number in 20 digits, padded with 'x' to S bytes. */
+static void payload_of(uint64_t seq, char *buf) {
+    char num[32];
+    int n = snprintf(num, sizeof num, "%020llu", (unsigned long long)seq);
+    if (S >= n) { memcpy(buf, num, (size_t)n); memset(buf + n, 'x', (size_t)(S - n)); }
+    else memcpy(buf, num + (n - S), (size_t)S);
+}
+
+static void queue_message(conn_t *c, uint64_t t) {
+    char payload[1 << 17];
+    payload_of(c->next_seq, payload);
+    uint8_t hdr[14]; size_t h = 0;
+    hdr[h++] = 0x81;
+    if (S < 126) hdr[h++] = 0x80 | (uint8_t)S;
+    else if (S < 65536) { hdr[h++] = 0x80 | 126; hdr[h++] = (uint8_t)(S >> 8); hdr[h++] = (uint8_t)S; }
+    else { hdr[h++] = 0x80 | 127; for (int i = 7; i >= 0; i--) hdr[h++] = (uint8_t)((uint64_t)S >> (8 * i)); }
+    uint8_t key[4] = {0x37, 0xfa, 0x21, 0x3d};
+    memcpy(hdr + h, key, 4); h += 4;
+    out_reserve(c, h + (size_t)S);
+    memcpy(c->out + c->out_len, hdr, h); c->out_len += h;
+    for (int i = 0; i < S; i++) c->out[c->out_len + (size_t)i] = (char)(payload[i] ^ key[i & 3]);
+    c->out_len += (size_t)S;
+    c->sent_at[c->next_seq % (uint64_t)P] = t;
+    c->next_seq++;
+}
+
+static uint64_t messages, mismatches, errors, pushes_total, late_pushes;
+static int measuring;
+static int epfd;
+
+static void flush_out(conn_t *c) {
+    while (c->out_off < c->out_len) {
+        ssize_t n = send(c->fd, c->out + c->out_off, c->out_len - c->out_off, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EAGAIN) break;
+            c->state = 2; errors++; return;
+        }
+        c->out_off += (size_t)n;
+    }
+    if (c->out_off == c->out_len) c->out_off = c->out_len = 0;
+    struct epoll_event ev = {.events = EPOLLIN | (c->out_len ? EPOLLOUT : 0), .data.ptr = c};
+    epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev);
+}
+
+static void on_frame(conn_t *c, int opcode, const char *p, size_t n, uint64_t t) {
+    if (opcode == 0x9) {  /* ping: answer */
+        uint8_t hdr[6] = {0x8A, (uint8_t)(0x80 | n), 0, 0, 0, 0};
+        out_reserve(c, 6 + n);
+        memcpy(c->out + c->out_len, hdr, 6); c->out_len += 6;
+        memcpy(c->out + c->out_len, p, n); c->out_len += n;
+        return;
+    }
+    if (opcode == 0x8) { c->state = 2; errors++; return; }
+    if (opcode != 0x1) return;
+    if (idle_mode) {
+        c->pushes++; pushes_total++;
+        if (period > 0) {
+            double expected = (double)c->opened_at + period * 1e9 * (double)c->pushes;
+            if ((double)t - expected > 1e9 || expected - (double)t > 1e9) late_pushes++;
+        }
+        return;
+    }
+    size_t plen = strlen(prefix);
+    char expect[1 << 17];
+    payload_of(c->next_reply, expect);
+    if (n != plen + (size_t)S || memcmp(p, prefix, plen) != 0 || memcmp(p + plen, expect, (size_t)S) != 0) {
+        if (n >= 7 && memcmp(p, "It is: ", 7) == 0) return; /* an idle push, not a reply */
+        mismatches++;
+    }
+    uint64_t sent = c->sent_at[c->next_reply % (uint64_t)P];
+    c->next_reply++;
+    if (measuring) { messages++; hist_add(t - sent); }
+    queue_message(c, t);
+}
+
+static void on_readable(conn_t *c) {
+    for (;;) {
+        if (c->in_cap - c->in_len < 65536) { c->in_cap = c->in_cap * 2 + 65536; c->in = realloc(c->in, c->in_cap); }
+        ssize_t n = recv(c->fd, c->in + c->in_len, c->in_cap - c->in_len, 0);
+        if (n == 0) { c->state = 2; errors++; return; }
+        if (n < 0) { if (errno == EAGAIN) break; c->state = 2; errors++; return; }
+        c->in_len += (size_t)n;
+    }
+    uint64_t t = now_ns();
+    size_t off = 0;
+    if (c->state == 0) {
+        char *end = memmem(c->in, c->in_len, "\r\n\r\n", 4);
+        if (!end) return;
+        if (strncmp(c->in, "HTTP/1.1 101", 12) != 0) { c->state = 2; errors++; return; }
+        off = (size_t)(end - c->in) + 4;
+        c->state = 1;
+        c->opened_at = t;
+        if (!idle_mode) for (int i = 0; i < P; i++) queue_message(c, t);
+    }
+    while (c->in_len - off >= 2) {
+        uint8_t b0 = (uint8_t)c->in[off], b1 = (uint8_t)c->in[off + 1];
+        size_t h = 2, len = b1 & 0x7F;
+        if (len == 126) { if (c->in_len - off < 4) break; len = ((size_t)(uint8_t)c->in[off + 2] << 8) | (uint8_t)c->in[off + 3]; h = 4; }
+        else if (len == 127) { if (c->in_len - off < 10) break; len = 0; for (int i = 0; i < 8; i++) len = (len << 8) | (uint8_t)c->in[off + 2 + (size_t)i]; h = 10; }
+        if (c->in_len - off < h + len) break;
+        if (b0 & 0x40) { mismatches++; } /* compressed: we never offer it */
+        on_frame(c, b0 & 0x0F, c->in + off + h, len, t);
+        off += h + len;
+    }
+    memmove(c->in, c->in + off, c->in_len - off);
+    c->in_len -= off;
+    flush_out(c);
+}
+
+static conn_t *open_conn(void) {
+    conn_t *c = calloc(1, sizeof *c);
+    c->sent_at = calloc((size_t)P, sizeof(uint64_t));
+    int v6 = strchr(host, ':') != NULL;
+    c->fd = socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    if (c->fd < 0) die("socket");
+    int one = 1;
+    setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    int rc;
+    if (v6) {
+        struct sockaddr_in6 a = {.sin6_family = AF_INET6, .sin6_port = htons((uint16_t)port)};
+        inet_pton(AF_INET6, host, &a.sin6_addr);
+        rc = connect(c->fd, (struct sockaddr *)&a, sizeof a);
+    } else {
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+        inet_pton(AF_INET, host, &a.sin_addr);
+        rc = connect(c->fd, (struct sockaddr *)&a, sizeof a);
+    }
+    if (rc < 0 && errno != EINPROGRESS) die("connect");
+    char req[512];
+    int n = snprintf(req, sizeof req,
+        "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", path, host, port);
+    out_reserve(c, (size_t)n);
+    memcpy(c->out, req, (size_t)n); c->out_len = (size_t)n;
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT, .data.ptr = c};
+    epoll_ctl(epfd, EPOLL_CTL_ADD, c->fd, &ev);
+    return c;
+}
+
+static void run_loop(conn_t **conns, double seconds) {
+    struct epoll_event evs[512];
+    uint64_t end = now_ns() + (uint64_t)(seconds * 1e9);
+    while (now_ns() < end) {
+        int n = epoll_wait(epfd, evs, 512, 50);
+        for (int i = 0; i < n; i++) {
+            conn_t *c = evs[i].data.ptr;
+            if (c->state == 2) continue;
+            if (evs[i].events & (EPOLLERR | EPOLLHUP)) { c->state = 2; errors++; epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL); continue; }
+            if (evs[i].events & EPOLLIN) on_readable(c);
+            if (c->state != 2 && (evs[i].events & EPOLLOUT)) flush_out(c);
+            if (c->state == 2) epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
+        }
+    }
+    (void)conns;
+}
+
+int main(int argc, char **argv) {
+    const char *url = NULL;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : "";
+        if (!strcmp(a, "-c")) { C = atoi(v); i++; }
+        else if (!strcmp(a, "-p")) { P = atoi(v); i++; }
+        else if (!strcmp(a, "-s")) { S = atoi(v); i++; }
+        else if (!strcmp(a, "-d")) { duration = atof(v); i++; }
+        else if (!strcmp(a, "-w")) { warmup = atof(v); i++; }
+        else if (!strcmp(a, "-H")) { hold = atof(v); i++; }
+        else if (!strcmp(a, "-e")) { period = atof(v); i++; }
+        else if (!strcmp(a, "-m")) { idle_mode = !strcmp(v, "idle"); i++; }
+        else if (!strcmp(a, "--prefix")) { prefix = v; i++; }
+        else if (!strcmp(a, "-P")) {
+            char *list = strdup(v), *save = NULL;
+            for (char *t = strtok_r(list, ",", &save); t && npids < 16; t = strtok_r(NULL, ",", &save)) pids[npids++] = atoi(t);
+            i++;
+        }
+        else if (!strncmp(a, "ws://", 5)) url = a;
+        else { fprintf(stderr, "unknown argument %s\n", a); return 2; }
+    }
+    if (!url) { fprintf(stderr, "usage: wsbench [-c conns] [-p depth] [-s bytes] [-d secs] [-w secs] [-m echo|idle] [-H secs] [-e period] [--prefix P] [-P pid,pid] ws://127.0.0.1:PORT/PATH\n"); return 2; }
+    if (S < 1 || S > (1 << 17) - 64 || C < 1 || P < 1) { fprintf(stderr, "bad sizes\n"); return 2; }
+    const char *h = url + 5, *colon;
+    if (*h == '[') { const char *e = strchr(h, ']'); snprintf(host, sizeof host, "%.*s", (int)(e - h - 1), h + 1); colon = e + 1; }
+    else { colon = strchr(h, ':'); snprintf(host, sizeof host, "%.*s", (int)(colon - h), h); }
+    port = atoi(colon + 1);
+    const char *slash = strchr(colon, '/');
+    if (slash) snprintf(path, sizeof path, "%s", slash);
+    if (strcmp(host, "127.0.0.1") && strcmp(host, "::1") && strcmp(host, "localhost")) { fprintf(stderr, "loopback only\n"); return 2; }
+    if (!strcmp(host, "localhost")) strcpy(host, "127.0.0.1");
+
+    struct rlimit rl; getrlimit(RLIMIT_NOFILE, &rl); rl.rlim_cur = rl.rlim_max; setrlimit(RLIMIT_NOFILE, &rl);
+    epfd = epoll_create1(0);
+    long long rss_before = server_rss_kb();
+    conn_t **conns = calloc((size_t)C, sizeof *conns);
+    for (int i = 0; i < C; i++) {
+        conns[i] = open_conn();
+        if (idle_mode && i % 200 == 199) run_loop(conns, 0.01);  /* let handshakes through */
+    }
+    if (idle_mode) {
+        run_loop(conns, hold);
+        int open = 0;
+        for (int i = 0; i < C; i++) open += conns[i]->state == 1;
+        long long rss_after = server_rss_kb();
+        printf("{\"mode\":\"idle\",\"connections\":%d,\"open\":%d,\"errors\":%llu,\"rss_before_kb\":%lld,\"rss_after_kb\":%lld,"
+               "\"rss_per_conn_kb\":%.2f,\"pushes\":%llu,\"late_pushes\":%llu}\n",
+               C, open, (unsigned long long)errors, rss_before, rss_after,
+               open ? (double)(rss_after - rss_before) / open : 0.0, (unsigned long long)pushes_total, (unsigned long long)late_pushes);
+        return errors || open != C ? 1 : 0;
+    }
+    run_loop(conns, warmup);
+    measuring = 1;
+    long long cpu0 = server_cpu_ticks();
+    uint64_t t0 = now_ns();
+    run_loop(conns, duration);
+    uint64_t t1 = now_ns();
+    long long cpu1 = server_cpu_ticks();
+    measuring = 0;
+    double secs = (double)(t1 - t0) / 1e9;
+    double tick_us = 1e6 / (double)sysconf(_SC_CLK_TCK);
+    double cpu_us = npids ? (double)(cpu1 - cpu0) * tick_us : 0;
+    printf("{\"mode\":\"echo\",\"connections\":%d,\"depth\":%d,\"size\":%d,\"seconds\":%.2f,\"messages\":%llu,"
+           "\"msg_per_s\":%.0f,\"p50_us\":%.0f,\"p99_us\":%.0f,\"p999_us\":%.0f,\"errors\":%llu,\"mismatches\":%llu,"
+           "\"server_cpu_us_per_msg\":%.3f,\"server_cpu_percent\":%.1f}\n",
+           C, P, S, secs, (unsigned long long)messages, (double)messages / secs,
+           hist_pct(50) / 1e3, hist_pct(99) / 1e3, hist_pct(99.9) / 1e3,
+           (unsigned long long)errors, (unsigned long long)mismatches,
+           messages ? cpu_us / (double)messages : 0, cpu_us / (secs * 1e6) * 100);
+    return errors || mismatches ? 1 : 0;
+}
