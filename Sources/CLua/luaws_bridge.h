@@ -159,12 +159,34 @@ static int luaws_conn_send_kind(lua_State *L, int binary) {
     lua_Integer id = lua_tointeger(L, -1);
     size_t len = 0;
     const char *data;
-    if (binary) data = luaL_checklstring(L, 2, &len);
-    else data = luaL_tolstring(L, 2, &len);   /* any value, as tostring() would show it */
+    if (binary || lua_type(L, 2) == LUA_TSTRING) data = luaL_checklstring(L, 2, &len);
+    else data = luaL_tolstring(L, 2, &len);   /* any other value, as tostring() would show it */
     lua_pushboolean(L, h->send(h->swift, id, data, len, binary) == 0);
     return 1;
 }
 static int luaws_conn_send(lua_State *L) { return luaws_conn_send_kind(L, 0); }
+
+/* Conn.__index(conn, key): a method from upvalue 1 (a table), else upvalue 2 (a Lua function
+ * that makes lazy fields). In C because every conn:send goes through it. */
+static int luaws_conn_index(lua_State *L) {
+    lua_settop(L, 2);
+    lua_pushvalue(L, 2);
+    if (lua_rawget(L, lua_upvalueindex(1)) != LUA_TNIL) return 1;
+    lua_pop(L, 1);
+    lua_pushvalue(L, lua_upvalueindex(2));
+    lua_insert(L, 1);
+    lua_call(L, 2, 1);
+    return 1;
+}
+
+/* core.conn_index(methods, lazy) makes the __index closure above. */
+static int luaws_core_conn_index(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_settop(L, 2);
+    lua_pushcclosure(L, luaws_conn_index, 2);
+    return 1;
+}
 static int luaws_conn_send_binary(lua_State *L) { return luaws_conn_send_kind(L, 1); }
 
 static int luaws_core_close(lua_State *L) {
@@ -497,6 +519,7 @@ static void luaws_push_core(lua_State *L) {
         {"send", luaws_core_send},
         {"conn_send", luaws_conn_send},
         {"conn_send_binary", luaws_conn_send_binary},
+        {"conn_index", luaws_core_conn_index},
         {"close", luaws_core_close},
         {"log", luaws_core_log},
         {"utcnow_iso", luaws_core_utcnow_iso},

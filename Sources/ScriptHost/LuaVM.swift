@@ -67,7 +67,11 @@ final class LuaVM {
     /// Registry reference of the table the prelude returned.
     private let api: Int32
     private var apiFunctions: [String: Int32] = [:]
-    weak var delegate: LuaVMDelegate?
+    /// The owner (a PluginHost, which owns this VM and so outlives it): unowned, because the
+    /// hot path (every conn:send) would otherwise pay a weak load.
+    unowned(unsafe) var delegate: LuaVMDelegate?
+    /// Argument slots for `callHook`, allocated once.
+    private let hookArgs: UnsafeMutablePointer<luaws_arg>
 
     init(memoryLimit: Int, instructionBudget: Int) throws {
         let host = UnsafeMutablePointer<luaws_host>.allocate(capacity: 1)
@@ -127,6 +131,8 @@ final class LuaVM {
             throw LuaError(kind: .runtime, message: "luaws prelude: \(message)")
         }
         self.host = host
+        hookArgs = .allocate(capacity: 3)
+        hookArgs.initialize(repeating: luaws_arg(), count: 3)
         state = opened
         api = ref
         // The pointer Lua's callbacks use to find this object; unretained (the VM owns the state).
@@ -134,6 +140,7 @@ final class LuaVM {
     }
 
     deinit {
+        hookArgs.deallocate()
         lua_close(state)
         host.deinitialize(count: 1)
         host.deallocate()
@@ -220,24 +227,24 @@ final class LuaVM {
     /// The hot path of `call`: a hook with the connection and, optionally, a payload and its
     /// kind, with no array or closure allocated.
     func callHook(_ function: Int32, connection: Int32, payload: ByteBuffer? = nil, kind: StaticString? = nil) throws -> Bool {
-        var args = (luaws_arg(), luaws_arg(), luaws_arg())
-        args.0.type = Int32(LUAWS_ARG_REF)
-        args.0.i = Int64(connection)
+        let argv = hookArgs
+        argv[0].type = Int32(LUAWS_ARG_REF)
+        argv[0].i = Int64(connection)
         var result = luaws_result()
-        let status: Int32 = withUnsafeMutablePointer(to: &args) { tuple in
-            tuple.withMemoryRebound(to: luaws_arg.self, capacity: 3) { argv in
-                guard let payload else { return luaws_call(state, function, argv, 1, 0, &result) }
-                return payload.withUnsafeReadableBytes { bytes in
-                    argv[1].type = Int32(LUAWS_ARG_STR)
-                    argv[1].s = bytes.baseAddress?.assumingMemoryBound(to: CChar.self)
-                    argv[1].len = bytes.count
-                    guard let kind else { return luaws_call(state, function, argv, 2, 0, &result) }
-                    argv[2].type = Int32(LUAWS_ARG_STR)
-                    argv[2].s = UnsafeRawPointer(kind.utf8Start).assumingMemoryBound(to: CChar.self)
-                    argv[2].len = kind.utf8CodeUnitCount
-                    return luaws_call(state, function, argv, 3, 0, &result)
-                }
+        let status: Int32
+        if let payload {
+            status = payload.withUnsafeReadableBytes { bytes in
+                argv[1].type = Int32(LUAWS_ARG_STR)
+                argv[1].s = bytes.baseAddress?.assumingMemoryBound(to: CChar.self)
+                argv[1].len = bytes.count
+                guard let kind else { return luaws_call(state, function, argv, 2, 0, &result) }
+                argv[2].type = Int32(LUAWS_ARG_STR)
+                argv[2].s = UnsafeRawPointer(kind.utf8Start).assumingMemoryBound(to: CChar.self)
+                argv[2].len = kind.utf8CodeUnitCount
+                return luaws_call(state, function, argv, 3, 0, &result)
             }
+        } else {
+            status = luaws_call(state, function, argv, 1, 0, &result)
         }
         guard status == LUA_OK else { throw error(status) }
         return result.boolean != 0

@@ -204,7 +204,26 @@ public final class PluginHost {
     }
 
     public func message(id: Int64, data: ByteBuffer, binary: Bool) {
-        deliver(.message(id, data, binary: binary))
+        // The hot path: like deliver(.message(…)) without building the event.
+        guard depth == 0 else {
+            deferred.append(.message(id, data, binary: binary))
+            return
+        }
+        depth = 1
+        handleMessage(id: id, data: data, binary: binary)
+        drainDeferred()
+        depth = 0
+    }
+
+    private func handleMessage(id: Int64, data: ByteBuffer, binary: Bool) {
+        guard let connection = connections[id] else { return }
+        for (index, function) in messageHooks {
+            do {
+                if try vm.callHook(function, connection: connection.ref, payload: data, kind: binary ? "binary" : "text") { break }
+            } catch {
+                report(error, plugin: plugins[index], hook: "on_message")
+            }
+        }
     }
 
     public func idle(id: Int64, timer: Int) {
@@ -222,12 +241,16 @@ public final class PluginHost {
             deferred.append(event)
             return
         }
-        depth += 1
+        depth = 1
         handle(event)
+        drainDeferred()
+        depth = 0
+    }
+
+    private func drainDeferred() {
         while !deferred.isEmpty {
             handle(deferred.removeFirst())
         }
-        depth -= 1
     }
 
     private func handle(_ event: Event) {
@@ -252,14 +275,7 @@ public final class PluginHost {
             dispatch(.onOpen, connection: ref)
 
         case .message(let id, let data, let binary):
-            guard let connection = connections[id] else { return }
-            for (index, function) in messageHooks {
-                do {
-                    if try vm.callHook(function, connection: connection.ref, payload: data, kind: binary ? "binary" : "text") { break }
-                } catch {
-                    report(error, plugin: plugins[index], hook: "on_message")
-                }
-            }
+            handleMessage(id: id, data: data, binary: binary)
 
         case .idle(let id, let timer):
             guard let connection = connections[id], timer < idleTimerPlugins.count else { return }

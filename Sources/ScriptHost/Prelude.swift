@@ -204,15 +204,14 @@ local lazy_fields = {
   query = function(self) return parse_query(rawget(self, "_raw_query")) end,
   data = function() return {} end,
 }
-Conn.__index = function(self, key)
-  local m = conn_methods[key]
-  if m ~= nil then return m end
+-- __index looks in conn_methods first (in C: the hot path), then makes a lazy field.
+Conn.__index = core.conn_index(conn_methods, function(self, key)
   local make = lazy_fields[key]
   if make == nil then return nil end
   local value = make(self)
   rawset(self, key, value)
   return value
-end
+end)
 Conn.__tostring = function(self) return "luaws.conn(" .. rawget(self, "id") .. ")" end
 Conn.__metatable = "luaws.conn"
 

@@ -58,3 +58,23 @@ final class EngineConnection: ScriptConnection {
         connection.setIdleTimers(seconds.map { .nanoseconds(Int64(($0 * 1e9).rounded())) })
     }
 }
+
+/// The same echo as scripts/echo.lua, in Swift: `luaws --builtin-echo` (hidden) runs it instead of
+/// the plugins, so that benchmarks can price the Lua call.
+final class BuiltinEcho: WebSocketApplication {
+    private let prefix = ByteBuffer(string: "Message received: ")
+
+    func opened(_ connection: WebSocketConnection) {}
+
+    func received(_ message: WebSocketMessage, on connection: WebSocketConnection) {
+        guard message.kind == .text else { return }
+        var reply = ByteBuffer()
+        reply.reserveCapacity(prefix.readableBytes + message.data.readableBytes)
+        reply.writeImmutableBuffer(prefix)
+        reply.writeImmutableBuffer(message.data)
+        connection.send(reply)
+    }
+
+    func idle(_ connection: WebSocketConnection, timer: Int) {}
+    func closed(_ connection: WebSocketConnection, code: UInt16, reason: String) {}
+}

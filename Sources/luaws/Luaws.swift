@@ -83,6 +83,9 @@ struct Serve: AsyncParsableCommand {
     @Flag(inversion: .prefixedNo, help: "Offer permessage-deflate compression (RFC 7692).")
     var compression = true
 
+    @Flag(help: .hidden)
+    var builtinEcho = false
+
     @Option(help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: Logger.Level = .info
 
@@ -152,8 +155,9 @@ struct Serve: AsyncParsableCommand {
 
         let server: WebSocketServer
         do {
+            let builtin = builtinEcho
             server = try await WebSocketServer.start(configuration: configuration, logger: logger) { _, eventLoop in
-                LuaApplication(plugins: try cluster.makeHost(on: eventLoop))
+                builtin ? BuiltinEcho() as WebSocketApplication : LuaApplication(plugins: try cluster.makeHost(on: eventLoop))
             }
         } catch let error as PluginLoadError {
             logger.critical("scripts did not load: \(error.message)")

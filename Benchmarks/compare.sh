@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The side-by-side benchmark, one command from a clean clone:
+#   Benchmarks/compare.sh [--quick] [--full]
+# Installs the peers (Debian: nginx + ngx_lua + lua-resty-core, node-ws; PyPI into a venv:
+# fastapi, uvicorn with uvloop/httptools/websockets), builds luaws in release mode and wsbench,
+# then runs the same loads against each server in turn on loopback and prints a Markdown table.
+# --quick: only the two 16-byte loads. --full: also 19,000 idle connections with the 10 s push.
+# DURATION=SECONDS sets the measured window of each load (default 5).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash dev/setup.sh
+SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+need=()
+for p in nginx libnginx-mod-http-lua lua-resty-core node-ws gcc; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+done
+if [[ ${#need[@]} -gt 0 ]]; then
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+command -v node >/dev/null || { DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs >/dev/null; }
+mkdir -p .build-bench
+if [[ ! -x .build-bench/venv/bin/python ]]; then python3 -m venv .build-bench/venv; fi
+.build-bench/venv/bin/python -c "import fastapi, uvicorn, uvloop, httptools, websockets" 2>/dev/null ||
+  .build-bench/venv/bin/pip install -q --disable-pip-version-check fastapi "uvicorn[standard]"
+gcc -O2 -Wall -o .build-bench/wsbench Benchmarks/wsbench.c
+swift build -c release --product luaws
+ulimit -n "$(ulimit -Hn)"
+python3 Benchmarks/compare.py "$@"
