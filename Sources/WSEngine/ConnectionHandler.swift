@@ -5,16 +5,16 @@ import NIOWebSocket
 /// Serves one upgraded connection: turns frames into messages for the application, answers
 /// pings, runs the closing handshake and the idle timers.
 ///
-/// Sits after NIO's `WebSocketFrameDecoder` (which rejects bad lengths and oversized or
-/// fragmented control frames, with `WebSocketProtocolErrorHandler` sending the close frame) and
-/// checks everything else RFC 6455 asks of a server: masking, reserved bits, opcodes, fragment
-/// order, UTF-8, close payloads.
+/// Reads the raw bytes after the upgrade: `FrameParser` splits them into frames (refusing bad
+/// lengths and oversized or fragmented control frames) and this handler checks everything else
+/// RFC 6455 asks of a server: masking, reserved bits, opcodes, fragment order, UTF-8, close
+/// payloads.
 ///
 /// States: `open` → `closing` (a close frame was sent; data frames are discarded while the
 /// client's close is awaited) → `closed` (the channel is going away). The application hears
 /// `opened` once when the handler is added and `closed` once when the channel goes inactive.
 final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelHandler {
-    typealias InboundIn = WebSocketFrame
+    typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
     /// Where encoded frames go (first in the pipeline): set before the handler is added.
@@ -33,6 +33,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     private let loopEventLoop: EventLoop
     private let configuration: ServerConfiguration
     private var state = State.open
+    private var parser: FrameParser
     private var assembler: MessageAssembler
     private var context: ChannelHandlerContext?
     private(set) var connection: WebSocketConnection!
@@ -68,6 +69,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         self.request = request
         self.loop = loop
         self.configuration = configuration
+        self.parser = FrameParser(maxFrameSize: configuration.maxFrameSize)
         self.assembler = MessageAssembler(maxMessageSize: configuration.maxMessageSize)
         self.loopEventLoop = loop.eventLoop
     }
@@ -101,22 +103,18 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        // NIO's frame decoder refuses bad lengths and bad control frames: fail the connection
-        // with the matching code. Anything else (I/O errors) just closes it.
-        if let error = error as? NIOWebSocketError {
-            let code: UInt16 = error == .invalidFrameLength ? ProtocolFailure.tooLarge : ProtocolFailure.protocolError
-            fail(ProtocolFailure(code: code, reason: "\(error)"))
-        } else {
-            loop.logger.debug("connection \(id): \(error)")
-            context.close(promise: nil)
-        }
+        loop.logger.debug("connection \(id): \(error)")
+        context.close(promise: nil)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let frame = unwrapInboundIn(data)
+        guard state != .closed else { return }
         reading = true
         do {
-            try receive(frame)
+            try parser.parse(unwrapInboundIn(data)) { frame throws(ProtocolFailure) in
+                try receive(frame)
+                return state != .closed
+            }
         } catch {
             fail(error)
         }
@@ -124,8 +122,8 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
 
     // MARK: frames
 
-    private func receive(_ frame: WebSocketFrame) throws(ProtocolFailure) {
-        guard let mask = frame.maskKey else {
+    private func receive(_ frame: ClientFrame) throws(ProtocolFailure) {
+        guard frame.masked else {
             throw ProtocolFailure(code: ProtocolFailure.protocolError, reason: "unmasked frame from a client")
         }
         // RSV1 marks a compressed message, on its first frame only, when permessage-deflate
@@ -136,8 +134,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         else {
             throw ProtocolFailure(code: ProtocolFailure.protocolError, reason: "reserved bit set that no extension defines")
         }
-        var payload = frame.data
-        payload.webSocketUnmask(mask)
+        let payload = frame.payload
         lastHeard = .now()
         pingSentAt = nil
 

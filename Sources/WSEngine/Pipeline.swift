@@ -18,7 +18,7 @@ struct ServerPipeline: Sendable {
         self.counter = counter
         upgrader = NIOWebSocketServerUpgrader(
             maxFrameSize: configuration.maxFrameSize,
-            automaticErrorHandling: false,  // WebSocketConnectionHandler answers decoder errors
+            automaticErrorHandling: false,  // WebSocketConnectionHandler answers protocol errors
             shouldUpgrade: { channel, head in
                 // Refusals return nil; HTTPHandler then answers the request with the reason.
                 guard let loop = loops[ObjectIdentifier(channel.eventLoop)]?.value,
@@ -38,11 +38,15 @@ struct ServerPipeline: Sendable {
                     request.subprotocol = agreed?.subprotocol
                     let handler = WebSocketConnectionHandler(
                         id: loop.makeID(), request: request, deflate: agreed?.deflate, loop: loop, configuration: configuration)
-                    // The handler encodes its frames itself and writes them through FrameOutput.
+                    // NIO's upgrader always installs its frame codec. The handler parses frames
+                    // itself (FrameParser) and so goes *before* NIO's decoder, taking the bytes
+                    // ahead of it; it encodes its frames itself too, writing them through
+                    // FrameOutput at the head, past NIO's encoder.
+                    let decoder = try channel.pipeline.syncOperations.handler(type: ByteToMessageHandler<WebSocketFrameDecoder>.self)
                     let output = FrameOutput()
                     try channel.pipeline.syncOperations.addHandler(output, position: .first)
                     handler.output = output
-                    try channel.pipeline.syncOperations.addHandler(handler)
+                    try channel.pipeline.syncOperations.addHandler(handler, position: .before(decoder))
                 }
             }
         )
