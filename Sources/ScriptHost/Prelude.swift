@@ -17,6 +17,10 @@ local concat, gsub, gmatch, lower, find = table.concat, string.gsub, string.gmat
 -- Strings share one metatable: lock it so no plugin can change `("x"):upper()` for the others.
 getmetatable("").__metatable = false
 
+-- Most garbage here is short-lived (one message's strings): the generational collector
+-- suits that better than the incremental default.
+collectgarbage("generational")
+
 local vars = {}
 
 -- Operations of core.command; ScriptHost's `Command` enum has the same numbers.

@@ -8,8 +8,9 @@ import NIOHTTP1
 /// re-entrantly from inside one of its own calls to the connection: a connection that fails
 /// while the application is sending to it reports `closed` after the call returns.
 public protocol WebSocketApplication: AnyObject {
-    /// The handshake is done; the connection can send.
-    func opened(_ connection: WebSocketConnection)
+    /// The handshake is done; the connection can send. `request` is not kept by the engine
+    /// (an idle connection should cost little): keep what you need of it.
+    func opened(_ connection: WebSocketConnection, request: WebSocketRequest)
     /// A whole message arrived (fragments joined, text validated as UTF-8).
     func received(_ message: WebSocketMessage, on connection: WebSocketConnection)
     /// Idle timer `timer` (an index into the last `setIdleTimers`) fired: that long has passed
@@ -42,13 +43,17 @@ public struct WebSocketRequest: Sendable {
 public final class WebSocketConnection {
     /// Unique within this server process.
     public let id: Int64
-    public let request: WebSocketRequest
+    /// The request path (`/ws`).
+    public let path: String
+    /// The negotiated sub-protocol, if any.
+    public let subprotocol: String?
     /// Strong while the connection is open (a weak load per send costs); cleared when it closes.
     var handler: WebSocketConnectionHandler?
 
     init(id: Int64, request: WebSocketRequest, handler: WebSocketConnectionHandler) {
         self.id = id
-        self.request = request
+        self.path = request.path
+        self.subprotocol = request.subprotocol
         self.handler = handler
     }
 

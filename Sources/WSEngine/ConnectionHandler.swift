@@ -37,7 +37,8 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     private var assembler: MessageAssembler
     private var context: ChannelHandlerContext?
     private(set) var connection: WebSocketConnection!
-    private let request: WebSocketRequest
+    /// Only until the application has seen it in `opened`.
+    private var request: WebSocketRequest?
     private let id: Int64
 
     /// The client's close frame, once received: reported to the application on close.
@@ -50,9 +51,10 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     // Keep-alive: a ping after `pingInterval` of silence, a drop after `pongTimeout` more.
     private var lastHeard = NIODeadline.now()
     private var pingSentAt: NIODeadline?
-    private var keepAlive: Scheduled<Void>?
     /// Messages dropped for this slow consumer (policy .drop).
     private var dropping = false
+    /// The channel's writability, as last reported (asking the channel each send costs).
+    private var writable = true
 
     /// Set while the handler is calling the application: writes are flushed once afterwards.
     private var dispatching = false
@@ -78,12 +80,13 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        let request = self.request!
+        self.request = nil
         connection = WebSocketConnection(id: id, request: request, handler: self)
         loop.connections[id] = self
         lastMessage = .now()
         lastHeard = lastMessage
-        scheduleKeepAlive(context: context)
-        dispatch { $0.opened(connection) }
+        dispatch { $0.opened(connection, request: request) }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -110,6 +113,8 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard state != .closed else { return }
         reading = true
+        lastHeard = .now()  // once per read, not per frame
+        pingSentAt = nil
         do {
             try parser.parse(unwrapInboundIn(data)) { frame throws(ProtocolFailure) in
                 try receive(frame)
@@ -135,8 +140,6 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
             throw ProtocolFailure(code: ProtocolFailure.protocolError, reason: "reserved bit set that no extension defines")
         }
         let payload = frame.payload
-        lastHeard = .now()
-        pingSentAt = nil
 
         switch frame.opcode {
         case .text, .binary, .continuation:
@@ -244,7 +247,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
 
     func send(_ data: ByteBuffer, binary: Bool) -> Bool {
         guard state == .open, let context else { return false }
-        if !context.channel.isWritable || dropping {
+        if !writable || dropping {
             return slowConsumer(context: context)
         }
         let opcode: WebSocketOpcode = binary ? .binary : .text
@@ -262,7 +265,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     private func slowConsumer(context: ChannelHandlerContext) -> Bool {
         switch configuration.slowConsumerPolicy {
         case .drop:
-            dropping = !context.channel.isWritable
+            dropping = !writable
             if dropping { loop.logger.debug("connection \(id): slow consumer, message dropped") }
             return !dropping
         case .close:
@@ -277,7 +280,8 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable { dropping = false }
+        writable = context.channel.isWritable
+        if writable { dropping = false }
         context.fireChannelWritabilityChanged()
     }
 
@@ -312,20 +316,11 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
 
     // MARK: keep-alive and idle timeout
 
-    private func scheduleKeepAlive(context: ChannelHandlerContext) {
-        var due = (pingSentAt.map { $0 + configuration.pongTimeout }) ?? (lastHeard + configuration.pingInterval)
-        if let idle = configuration.idleTimeout { due = min(due, lastMessage + idle) }
-        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
-        keepAlive = context.eventLoop.assumeIsolated().scheduleTask(deadline: due) {
-            handler.value.keepAliveFired()
-        }
-    }
-
-    /// One timer does three jobs: ping a silent client, drop one whose ping went unanswered,
-    /// and close one that sent no message for `idleTimeout`.
-    private func keepAliveFired() {
+    /// Called by the loop's sweep (`LoopState.sweep`), every fraction of the shortest of these
+    /// intervals: one timer per loop instead of one per connection. It pings a silent client,
+    /// drops one whose ping went unanswered, and closes one that sent no message for `idleTimeout`.
+    func checkKeepAlive(now: NIODeadline) {
         guard state == .open, let context else { return }
-        let now = NIODeadline.now()
         if let sent = pingSentAt, now >= sent + configuration.pongTimeout {
             loop.logger.debug("connection \(id): no answer to ping, dropping")
             state = .closed
@@ -341,7 +336,6 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
             write(.ping, context.channel.allocator.buffer(capacity: 0))
             output.context?.flush()
         }
-        scheduleKeepAlive(context: context)
     }
 
     // MARK: idle timers
@@ -416,7 +410,6 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         guard loop.connections.removeValue(forKey: id) != nil else { return }
         state = .closed
         closeTimeout?.cancel()
-        keepAlive?.cancel()
         for timer in idleTimers { timer.task?.cancel() }
         idleTimers = []
         let code = clientClose?.code ?? 1006

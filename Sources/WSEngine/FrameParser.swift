@@ -33,12 +33,12 @@ struct FrameParser {
         var payloadStart: Int
         var length: Int
     }
-    /// Reused across reads: no allocation per read once it has grown.
+    /// Reused across reads: no allocation per read once it has grown (and none at all for a
+    /// connection that never sends).
     private var spans: [Span] = []
 
     init(maxFrameSize: Int) {
         self.maxFrameSize = maxFrameSize
-        spans.reserveCapacity(16)
     }
 
     /// Takes the next bytes read and calls `body` with every frame they complete, in order.

@@ -8,7 +8,7 @@ import NIOEmbedded
 public enum FuzzHarness {
     /// An application that echoes, sends binary, closes on request: enough to reach every path.
     private final class EchoApplication: WebSocketApplication {
-        func opened(_ connection: WebSocketConnection) {
+        func opened(_ connection: WebSocketConnection, request: WebSocketRequest) {
             connection.setIdleTimers([.milliseconds(1)])
         }
         func received(_ message: WebSocketMessage, on connection: WebSocketConnection) {

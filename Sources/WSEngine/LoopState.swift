@@ -21,6 +21,22 @@ final class LoopState {
         self.nextID = Int64(index) << 48
     }
 
+    private var sweep: RepeatedTask?
+
+    /// Starts the keep-alive sweep: every `interval`, each connection checks its ping, pong
+    /// and idle deadlines (`WebSocketConnectionHandler.checkKeepAlive`).
+    func startSweep(every interval: TimeAmount) {
+        let state = NIOLoopBound(self, eventLoop: eventLoop)
+        sweep = eventLoop.scheduleRepeatedTask(initialDelay: interval, delay: interval) { _ in
+            let now = NIODeadline.now()
+            for handler in state.value.connections.values { handler.checkKeepAlive(now: now) }
+        }
+    }
+
+    func stopSweep() {
+        sweep?.cancel()
+    }
+
     func makeID() -> Int64 {
         nextID += 1
         return nextID

@@ -47,6 +47,8 @@ struct ServerPipeline: Sendable {
                     try channel.pipeline.syncOperations.addHandler(output, position: .first)
                     handler.output = output
                     try channel.pipeline.syncOperations.addHandler(handler, position: .before(decoder))
+                    // Now that nothing reaches it, NIO's decoder can go (it costs memory per connection).
+                    channel.pipeline.syncOperations.removeHandler(decoder, promise: nil)
                 }
             }
         )

@@ -37,6 +37,10 @@ public final class WebSocketServer: Sendable {
                     NIOLoopBound(LoopState(index: index, eventLoop: loop, application: try makeApplication(index, loop), logger: logger, compressionLevel: configuration.compressionLevel), eventLoop: loop)
                 }.get()
                 loops[ObjectIdentifier(loop)] = state
+                // A quarter of the shortest keep-alive interval, between 10 ms and 1 s.
+                let shortest = [configuration.pingInterval, configuration.pongTimeout, configuration.idleTimeout ?? .seconds(3600)].min()!
+                let sweep = TimeAmount.nanoseconds(min(max(shortest.nanoseconds / 4, 10_000_000), 1_000_000_000))
+                try await loop.submit { state.value.startSweep(every: sweep) }.get()
             }
             let channel = try await bind(configuration: configuration, group: group, loops: loops, threadPool: threadPool, logger: logger)
             return WebSocketServer(configuration: configuration, logger: logger, group: group, threadPool: threadPool, loops: loops, serverChannel: channel)

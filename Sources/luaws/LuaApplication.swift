@@ -10,8 +10,7 @@ final class LuaApplication: WebSocketApplication {
         self.plugins = plugins
     }
 
-    func opened(_ connection: WebSocketConnection) {
-        let request = connection.request
+    func opened(_ connection: WebSocketConnection, request: WebSocketRequest) {
         plugins.open(
             EngineConnection(connection),
             id: connection.id,
@@ -64,7 +63,7 @@ final class EngineConnection: ScriptConnection {
 final class BuiltinEcho: WebSocketApplication {
     private let prefix = ByteBuffer(string: "Message received: ")
 
-    func opened(_ connection: WebSocketConnection) {}
+    func opened(_ connection: WebSocketConnection, request: WebSocketRequest) {}
 
     func received(_ message: WebSocketMessage, on connection: WebSocketConnection) {
         guard message.kind == .text else { return }
