@@ -19,6 +19,9 @@ BENCH = ROOT / ".build-bench"
 WSBENCH = BENCH / "wsbench"
 VENV_PY = BENCH / "venv" / "bin" / "python"
 DURATION = float(os.environ.get("DURATION", "5"))
+# The machine is shared and noisy: the 16-byte loads run REPEAT times and the median
+# (by server CPU per message) is reported.
+REPEAT = int(os.environ.get("REPEAT", "3"))
 QUICK = "--quick" in sys.argv
 FULL = "--full" in sys.argv
 
@@ -113,12 +116,32 @@ def wsbench(port, pids, *args):
 def measure(key, loads):
     peer = PEERS[key] or nginx_peer()
     port = free_port()
-    peer.start(port)
     results = {}
-    try:
-        for name, args in loads:
+    # Idle memory is measured on a freshly started server: memory freed by the echo loads
+    # would otherwise be reused by the idle connections and flatter the figure.
+    idle = [(n, a) for n, a in loads if a[:2] == ["-m", "idle"]]
+    busy = [(n, a) for n, a in loads if a[:2] != ["-m", "idle"]]
+    for name, args in idle:
+        peer.start(port)
+        try:
             results[name] = wsbench(port, peer.pids(), *args)
-            time.sleep(0.5)
+        finally:
+            peer.stop()
+        time.sleep(1)
+    peer.start(port)
+    try:
+        for name, args in busy:
+            runs = REPEAT if "16 B" in name else 1
+            outcomes = []
+            for _ in range(runs):
+                outcomes.append(wsbench(port, peer.pids(), *args))
+                time.sleep(0.5)
+            good = [r for r in outcomes if "error" not in r and r.get("server_cpu_us_per_msg") is not None]
+            if good:
+                good.sort(key=lambda r: r["server_cpu_us_per_msg"] or 0)
+                results[name] = dict(good[len(good) // 2], runs=len(outcomes))
+            else:
+                results[name] = outcomes[-1]
     finally:
         peer.stop()
     return peer.name, results
@@ -152,7 +175,8 @@ def main():
         table[key] = measure(key, loads)
 
     print(f"\n## luaws and its peers — {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, loopback, "
-          f"wsbench (C, 1 thread), {DURATION:g} s per load after 1 s warm-up\n")
+          f"wsbench (C, 1 thread), {DURATION:g} s per load after 1 s warm-up, "
+          f"16-byte loads: median of {REPEAT} runs by server CPU per message\n")
     for name, _ in loads:
         if name.startswith("idle"):
             continue
