@@ -140,16 +140,6 @@ static void luaws_budget_hook(lua_State *L, lua_Debug *ar) {
 
 /* ---------- the core functions scripts reach through the prelude ---------- */
 
-static int luaws_core_send(lua_State *L) {
-    luaws_host *h = luaws_host_of(L);
-    lua_Integer id = luaL_checkinteger(L, 1);
-    size_t len = 0;
-    const char *data = luaL_checklstring(L, 2, &len);
-    int binary = lua_toboolean(L, 3);
-    lua_pushboolean(L, h->send(h->swift, id, data, len, binary) == 0);
-    return 1;
-}
-
 /* conn:send(text) and conn:send_binary(bytes), straight from the method call: the connection
  * id is the `id` field of the conn table. Written in C because it is the hot path. */
 static int luaws_conn_send_kind(lua_State *L, int binary) {
@@ -230,11 +220,6 @@ static int luaws_core_now(lua_State *L) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     lua_pushnumber(L, (lua_Number)ts.tv_sec + (lua_Number)ts.tv_nsec / 1e9);
-    return 1;
-}
-
-static int luaws_core_budget_hit(lua_State *L) {
-    lua_pushboolean(L, luaws_host_of(L)->budget_hit);
     return 1;
 }
 
@@ -516,7 +501,6 @@ static int luaws_msgh(lua_State *L) {
 
 static void luaws_push_core(lua_State *L) {
     static const luaL_Reg core[] = {
-        {"send", luaws_core_send},
         {"conn_send", luaws_conn_send},
         {"conn_send_binary", luaws_conn_send_binary},
         {"conn_index", luaws_core_conn_index},
@@ -524,8 +508,6 @@ static void luaws_push_core(lua_State *L) {
         {"log", luaws_core_log},
         {"utcnow_iso", luaws_core_utcnow_iso},
         {"now", luaws_core_now},
-        {"budget_hit", luaws_core_budget_hit},
-        {"traceback", luaws_msgh},
         {"command", luaws_core_command},
         {"json_encode", luaws_core_json_encode},
         {"json_decode", luaws_core_json_decode},

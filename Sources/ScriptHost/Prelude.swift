@@ -328,7 +328,6 @@ function api.add_plugin(set, name, chunkname, src)
   set.plugins[#set.plugins + 1] = load_plugin(set, name, chunkname, src)
 end
 
-function api.plugin_count(set) return #set.plugins end
 
 function api.plugin_field(set, index, field)
   return set.plugins[index][field]
