@@ -26,7 +26,6 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         var interval: TimeAmount
         /// When it last fired (or was set): with the last message, the start of the current wait.
         var anchor: NIODeadline
-        var task: Scheduled<Void>?
     }
 
     private let loop: LoopState
@@ -46,6 +45,8 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     private var closeTimeout: Scheduled<Void>?
 
     private var idleTimers: [IdleTimer] = []
+    /// Bumped by every `setIdleTimers`: queue entries of an older generation are ignored.
+    private var timerGeneration = 0
     private var lastMessage = NIODeadline.now()
 
     // Keep-alive: a ping after `pingInterval` of silence, a drop after `pongTimeout` more.
@@ -301,17 +302,13 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     }
 
     func setIdleTimers(_ intervals: [TimeAmount]) {
-        guard let context else { return }
+        guard context != nil else { return }
         let now = NIODeadline.now()
-        var timers: [IdleTimer] = []
-        for (index, interval) in intervals.enumerated() {
-            idleTimers.indices.contains(index) ? idleTimers[index].task?.cancel() : ()
-            let anchor = idleTimers.indices.contains(index) ? idleTimers[index].anchor : now
-            timers.append(IdleTimer(interval: interval, anchor: anchor, task: nil))
+        idleTimers = intervals.enumerated().map { index, interval in
+            IdleTimer(interval: interval, anchor: idleTimers.indices.contains(index) ? idleTimers[index].anchor : now)
         }
-        for index in timers.count..<max(timers.count, idleTimers.count) { idleTimers[index].task?.cancel() }
-        idleTimers = timers
-        for index in idleTimers.indices { schedule(timer: index, context: context) }
+        timerGeneration += 1
+        for index in idleTimers.indices { schedule(timer: index) }
     }
 
     // MARK: keep-alive and idle timeout
@@ -341,26 +338,22 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     // MARK: idle timers
 
     /// The wait of timer `index` ends `interval` after the later of its anchor and the last message.
-    private func schedule(timer index: Int, context: ChannelHandlerContext) {
+    private func schedule(timer index: Int) {
         let timer = idleTimers[index]
-        let due = max(timer.anchor, lastMessage) + timer.interval
-        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
-        idleTimers[index].task = context.eventLoop.assumeIsolated().scheduleTask(deadline: due) {
-            handler.value.idleTimerFired(index)
-        }
+        loop.timers.add(due: max(timer.anchor, lastMessage) + timer.interval, handler: self, timer: index, generation: timerGeneration)
     }
 
-    /// Messages do not cancel the timer (that would cost a reschedule per message): when it fires
-    /// early because a message moved the deadline, it just waits for the rest.
-    private func idleTimerFired(_ index: Int) {
-        guard state == .open, let context, idleTimers.indices.contains(index) else { return }
-        let now = NIODeadline.now()
+    /// From the loop's TimerQueue. Messages do not move queue entries (that would cost work per
+    /// message): when an entry comes due early because a message moved the deadline, the timer
+    /// just waits for the rest.
+    func idleTimerDue(_ index: Int, generation: Int, now: NIODeadline) {
+        guard state == .open, generation == timerGeneration, idleTimers.indices.contains(index) else { return }
         let due = max(idleTimers[index].anchor, lastMessage) + idleTimers[index].interval
         if due <= now {
             idleTimers[index].anchor = now
             dispatch { $0.idle(connection, timer: index) }
         }
-        if state == .open, idleTimers.indices.contains(index) { schedule(timer: index, context: context) }
+        if state == .open, generation == timerGeneration { schedule(timer: index) }
     }
 
     /// Completes when the channel has closed.
@@ -410,8 +403,8 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         guard loop.connections.removeValue(forKey: id) != nil else { return }
         state = .closed
         closeTimeout?.cancel()
-        for timer in idleTimers { timer.task?.cancel() }
         idleTimers = []
+        timerGeneration += 1  // its queue entries are now ignored
         let code = clientClose?.code ?? 1006
         let reason = clientClose?.reason ?? ""
         let connection = self.connection!

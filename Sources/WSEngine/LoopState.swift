@@ -8,6 +8,8 @@ final class LoopState {
     let logger: Logger
     let eventLoop: EventLoop
     var connections: [Int64: WebSocketConnectionHandler] = [:]
+    /// The idle timers of the loop's connections.
+    let timers: TimerQueue
     /// permessage-deflate streams shared by the loop's connections (no context takeover).
     let deflate: DeflateStreams
     /// Connection ids are `loopIndex << 48 | counter`, unique across loops without atomics.
@@ -16,6 +18,7 @@ final class LoopState {
     init(index: Int, eventLoop: EventLoop, application: WebSocketApplication, logger: Logger, compressionLevel: Int32) {
         self.deflate = DeflateStreams(level: compressionLevel)
         self.eventLoop = eventLoop
+        self.timers = TimerQueue(eventLoop: eventLoop)
         self.application = application
         self.logger = logger
         self.nextID = Int64(index) << 48
