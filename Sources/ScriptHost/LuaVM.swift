@@ -33,7 +33,6 @@ enum LuaArg {
     case bool(Bool)
     case ref(Int32)
     case string(String)
-    case bytes(ByteBuffer)
 }
 
 /// A plain value crossing between Lua and Swift in `core.command`.
@@ -289,13 +288,6 @@ final class LuaVM {
                     cArgs[index].type = Int32(LUAWS_ARG_STR)
                     cArgs[index].s = UnsafeRawPointer(utf8.baseAddress).map { $0.assumingMemoryBound(to: CChar.self) }
                     cArgs[index].len = utf8.count
-                    return fill(index + 1)
-                }
-            case .bytes(let buffer):
-                return buffer.withUnsafeReadableBytes { raw in
-                    cArgs[index].type = Int32(LUAWS_ARG_STR)
-                    cArgs[index].s = raw.baseAddress?.assumingMemoryBound(to: CChar.self)
-                    cArgs[index].len = raw.count
                     return fill(index + 1)
                 }
             }
