@@ -296,8 +296,8 @@ local function load_plugin(set, name, chunkname, src)
     if HOOKS[k] then
       if type(v) ~= "function" then error(where .. k .. " must be a function (got " .. type(v) .. ")", 0) end
     elseif k == "idle" then
-      if type(v) ~= "number" or v ~= v or v <= 0 or v == math.huge then
-        error(where .. "idle must be a positive number of seconds (got " .. tostring(v) .. ")", 0)
+      if type(v) ~= "number" or v ~= v or v < 0.001 or v == math.huge then
+        error(where .. "idle must be a positive number of seconds, at least 0.001 (got " .. tostring(v) .. ")", 0)
       end
     elseif k == "protocols" then
       if type(v) ~= "table" then error(where .. "protocols must be a list of strings", 0) end

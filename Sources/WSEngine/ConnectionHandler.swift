@@ -304,6 +304,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     func setIdleTimers(_ intervals: [TimeAmount]) {
         guard context != nil else { return }
         let now = NIODeadline.now()
+        loop.timers.retire(idleTimers.count)
         idleTimers = intervals.enumerated().map { index, interval in
             IdleTimer(interval: interval, anchor: idleTimers.indices.contains(index) ? idleTimers[index].anchor : now)
         }
@@ -341,6 +342,11 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     private func schedule(timer index: Int) {
         let timer = idleTimers[index]
         loop.timers.add(due: max(timer.anchor, lastMessage) + timer.interval, handler: self, timer: index, generation: timerGeneration)
+    }
+
+    /// Whether a TimerQueue entry of `generation` is still wanted.
+    func wantsTimer(generation: Int) -> Bool {
+        state == .open && generation == timerGeneration
     }
 
     /// From the loop's TimerQueue. Messages do not move queue entries (that would cost work per
@@ -403,6 +409,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         guard loop.connections.removeValue(forKey: id) != nil else { return }
         state = .closed
         closeTimeout?.cancel()
+        loop.timers.retire(idleTimers.count)
         idleTimers = []
         timerGeneration += 1  // its queue entries are now ignored
         let code = clientClose?.code ?? 1006

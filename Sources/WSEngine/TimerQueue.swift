@@ -5,8 +5,10 @@ import NIOCore
 ///
 /// Why not one NIO task per connection timer: each costs ~0.7 KB (task, promise, closure) for
 /// as long as the connection lives, and idle connections are the common case. An entry here is
-/// a few words. Entries are never removed early: a connection that closed, or replaced its
-/// timers (a newer `generation`), ignores the entries it no longer wants when they come due.
+/// a few words. Entries are not removed one by one: a connection that closed, or replaced its
+/// timers (a newer `generation`), ignores the entries it no longer wants when they come due,
+/// and tells the queue (`retire`), which drops them all in one pass once they are more than
+/// half of the heap, so churn with long intervals cannot pile up closed connections.
 final class TimerQueue {
     private struct Entry {
         var due: NIODeadline
@@ -21,6 +23,8 @@ final class TimerQueue {
     private var wakeAt: NIODeadline?
     /// While `fire` runs, adds do not schedule: `fire` schedules for the earliest entry at its end.
     private var firing = false
+    /// Entries still wanted (added and neither retired nor fired).
+    private var live = 0
 
     init(eventLoop: EventLoop) {
         self.eventLoop = eventLoop
@@ -29,9 +33,22 @@ final class TimerQueue {
     var count: Int { heap.count }
 
     func add(due: NIODeadline, handler: WebSocketConnectionHandler, timer: Int, generation: Int) {
+        live += 1
         heap.append(Entry(due: due, handler: handler, timer: timer, generation: generation))
         siftUp(heap.count - 1)
         if !firing, wakeAt.map({ due < $0 }) ?? true { scheduleWake(at: due) }
+    }
+
+    /// `count` entries are no longer wanted (their connection closed or replaced its timers).
+    func retire(_ count: Int) {
+        live -= count
+        if heap.count > 64 && heap.count > 2 * live { compact() }
+    }
+
+    private func compact() {
+        heap.removeAll { !$0.handler.wantsTimer(generation: $0.generation) }
+        for index in stride(from: heap.count / 2 - 1, through: 0, by: -1) { siftDown(index) }
+        live = heap.count
     }
 
     private func scheduleWake(at due: NIODeadline) {
@@ -49,7 +66,10 @@ final class TimerQueue {
         let now = NIODeadline.now()
         while let top = heap.first, top.due <= now {
             let entry = removeTop()
-            entry.handler.idleTimerDue(entry.timer, generation: entry.generation, now: now)
+            if entry.handler.wantsTimer(generation: entry.generation) {
+                live -= 1
+                entry.handler.idleTimerDue(entry.timer, generation: entry.generation, now: now)
+            }
         }
         firing = false
         if let next = heap.first { scheduleWake(at: next.due) }
