@@ -69,13 +69,30 @@ public final class PluginHost {
     /// Scheduled Lua timers by id, with the connection that owns each (0: the plugin).
     private var timers: [Int64: (task: Scheduled<Void>, connection: Int64)] = [:]
     private var plugins: [Plugin] = []
-    /// For each hook, the plugins that have it (index into `plugins`, function), in order:
-    /// dispatch walks only these.
-    private var hooks: [Hook: [(plugin: Int, function: Int32)]] = [:]
-    private var messageHooks: [(plugin: Int, function: Int32)] = []
+    /// For each hook (by `Hook.rawValue`), the plugins that have it (index into `plugins`,
+    /// function), in order: dispatch walks only these.
+    private var hooks: [[(plugin: Int, function: Int32)]] = Array(repeating: [], count: Hook.allCases.count)
 
-    private enum Hook: String, CaseIterable {
-        case onOpen = "on_open", onMessage = "on_message", onClose = "on_close", onReload = "on_reload"
+    private enum Hook: Int, CaseIterable {
+        case onOpen, onMessage, onClose, onReload
+
+        var name: String {
+            switch self {
+            case .onOpen: "on_open"
+            case .onMessage: "on_message"
+            case .onClose: "on_close"
+            case .onReload: "on_reload"
+            }
+        }
+
+        func function(of plugin: Plugin) -> Int32? {
+            switch self {
+            case .onOpen: plugin.onOpen
+            case .onMessage: plugin.onMessage
+            case .onClose: plugin.onClose
+            case .onReload: plugin.onReload
+            }
+        }
     }
     private var setRef: Int32?
     /// Index into `plugins` of the plugin behind each idle timer.
@@ -163,20 +180,9 @@ public final class PluginHost {
         for plugin in plugins { plugin.refs.forEach(vm.unref) }
         if let setRef { vm.unref(setRef) }
         plugins = loaded
-        hooks = [:]
-        for hook in Hook.allCases {
-            hooks[hook] = plugins.indices.compactMap { index in
-                let plugin = plugins[index]
-                let function: Int32? = switch hook {
-                case .onOpen: plugin.onOpen
-                case .onMessage: plugin.onMessage
-                case .onClose: plugin.onClose
-                case .onReload: plugin.onReload
-                }
-                return function.map { (index, $0) }
-            }
+        hooks = Hook.allCases.map { hook in
+            plugins.indices.compactMap { index in hook.function(of: plugins[index]).map { (index, $0) } }
         }
-        messageHooks = hooks[.onMessage] ?? []
         subprotocols = loadedProtocols
         setRef = newSet
         idleTimerPlugins = plugins.indices.filter { plugins[$0].onIdle != nil && plugins[$0].idle != nil }
@@ -217,13 +223,7 @@ public final class PluginHost {
 
     private func handleMessage(id: Int64, data: ByteBuffer, binary: Bool) {
         guard let connection = connections[id] else { return }
-        for (index, function) in messageHooks {
-            do {
-                if try vm.callHook(function, connection: connection.ref, payload: data, kind: binary ? "binary" : "text") { break }
-            } catch {
-                report(error, plugin: plugins[index], hook: "on_message")
-            }
-        }
+        dispatch(.onMessage, connection: connection.ref, payload: data, kind: binary ? "binary" : "text")
     }
 
     public func idle(id: Int64, timer: Int) {
@@ -359,35 +359,39 @@ public final class PluginHost {
 
     private func timerFired(_ timer: Int64, once: Bool = false) {
         deliver(.timer(timer))
-        if once, let entry = timers.removeValue(forKey: timer), entry.connection != 0 {
-            connections[entry.connection]?.timers.remove(timer)
-        }
+        if once { _ = forgetTimer(timer) }
     }
 
     private func cancelTimer(_ timer: Int64) {
-        guard let entry = timers.removeValue(forKey: timer) else { return }
-        entry.task.cancel()
+        forgetTimer(timer)?.cancel()
+    }
+
+    /// Drops `timer` from the host's books (and its connection's); returns its task.
+    private func forgetTimer(_ timer: Int64) -> Scheduled<Void>? {
+        guard let entry = timers.removeValue(forKey: timer) else { return nil }
         if entry.connection != 0 { connections[entry.connection]?.timers.remove(timer) }
+        return entry.task
     }
 
     /// Calls `hook` of every plugin that has it, in order, until one returns true. A hook that
     /// fails is reported and the next plugin still sees the event.
-    private func dispatch(_ hook: Hook, connection: Int32) {
-        for (index, function) in hooks[hook] ?? [] {
+    private func dispatch(_ hook: Hook, connection: Int32, payload: ByteBuffer? = nil, kind: StaticString? = nil) {
+        for (index, function) in hooks[hook.rawValue] {
             do {
-                if try vm.callHook(function, connection: connection) { break }
+                if try vm.callHook(function, connection: connection, payload: payload, kind: kind) { break }
             } catch {
-                report(error, plugin: plugins[index], hook: hook.rawValue)
+                report(error, plugin: plugins[index], hook: hook.name)
             }
         }
     }
 
+    /// The same, for a hook whose arguments do not fit `callHook` (on_close).
     private func dispatch(_ hook: Hook, _ args: [LuaArg]) {
-        for (index, function) in hooks[hook] ?? [] {
+        for (index, function) in hooks[hook.rawValue] {
             do {
                 if try vm.call(function, args).truthy { break }
             } catch {
-                report(error, plugin: plugins[index], hook: hook.rawValue)
+                report(error, plugin: plugins[index], hook: hook.name)
             }
         }
     }

@@ -29,7 +29,6 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     }
 
     private let loop: LoopState
-    private let loopEventLoop: EventLoop
     private let configuration: ServerConfiguration
     private var state = State.open
     private var parser: FrameParser
@@ -74,7 +73,6 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         self.configuration = configuration
         self.parser = FrameParser(maxFrameSize: configuration.maxFrameSize)
         self.assembler = MessageAssembler(maxMessageSize: configuration.maxMessageSize)
-        self.loopEventLoop = loop.eventLoop
     }
 
     // MARK: channel events
@@ -182,11 +180,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
                 throw ProtocolFailure(code: ProtocolFailure.protocolError, reason: "invalid close code \(sent)")
             }
             code = sent
-            var utf8 = UTF8Validator()
-            let valid = payload.withUnsafeReadableBytes { utf8.validate($0) } && utf8.isComplete
-            guard valid else {
-                throw ProtocolFailure(code: ProtocolFailure.invalidData, reason: "close reason is not valid UTF-8")
-            }
+            try MessageAssembler.validateText(payload)
             reason = payload.readString(length: payload.readableBytes) ?? ""
         }
         clientClose = (code, reason)
@@ -364,7 +358,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
 
     /// Completes when the channel has closed.
     var closeFuture: EventLoopFuture<Void> {
-        context?.channel.closeFuture ?? loopEventLoop.makeSucceededVoidFuture()
+        context?.channel.closeFuture ?? loop.eventLoop.makeSucceededVoidFuture()
     }
 
     /// Closes the TCP connection without a handshake (one is already under way or done).

@@ -17,11 +17,7 @@ struct Check: AsyncParsableCommand {
     func run() async throws {
         var logger = Logger(label: "luaws.check")
         logger.logLevel = .critical
-        var scriptVars: [String: String] = [:]
-        for item in vars {
-            let parts = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
-            scriptVars[String(parts[0])] = parts.count > 1 ? String(parts[1]) : ""
-        }
+        let scriptVars = parseVars(vars)
         do {
             let set = try PluginSet.read(from: scripts)
             // Each file alone first, so that every broken file is reported, not just the first.

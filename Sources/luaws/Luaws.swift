@@ -19,6 +19,16 @@ struct Luaws: AsyncParsableCommand {
 extension Logger.Level: @retroactive ExpressibleByArgument {}
 extension SlowConsumerPolicy: ExpressibleByArgument {}
 
+/// `--var NAME=VALUE` items as a dictionary (a missing `=VALUE` gives an empty value).
+func parseVars(_ items: [String]) -> [String: String] {
+    var vars: [String: String] = [:]
+    for item in items {
+        let parts = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+        vars[String(parts[0])] = parts.count > 1 ? String(parts[1]) : ""
+    }
+    return vars
+}
+
 extension TimeAmount {
     static func seconds(_ value: Double) -> TimeAmount { .nanoseconds(Int64((value * 1e9).rounded())) }
 }
@@ -117,12 +127,7 @@ struct Serve: AsyncParsableCommand {
             logger.critical("cannot read scripts: \(error)")
             throw ExitCode(1)
         }
-        var scriptVars: [String: String] = [:]
-        for item in vars {
-            let parts = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
-            scriptVars[String(parts[0])] = String(parts[1])
-        }
-        let pluginVars = scriptVars
+        let pluginVars = parseVars(vars)
         let limits = ScriptLimits(instructionBudget: instructionBudget, memoryLimit: luaMemoryMb << 20)
 
         var configuration = ServerConfiguration()
