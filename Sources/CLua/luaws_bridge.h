@@ -11,10 +11,19 @@
  *  - Every path leaves the Lua stack as it found it.
  *  - Memory: every allocation of the state goes through luaws_alloc, which
  *    refuses (returns NULL, so Lua raises LUA_ERRMEM) past mem_limit.
- *  - CPU: luaws_call arms a count hook; past `budget` VM instructions the
- *    running code gets an error, and from then on every instruction of every
- *    coroutine of the state errors too, so a script cannot catch the error
- *    with pcall and carry on. The hook is disarmed when the call returns.
+ *  - CPU: one budget per call from Swift (`remaining`, reset by
+ *    luaws_protected) covers the call and every coroutine it runs. A count
+ *    hook, set on the main thread before anything runs and so inherited by
+ *    every coroutine (lua_newthread copies it), charges LUAWS_HOOK_STEP
+ *    instructions each time it fires; a new coroutine starts with a fresh
+ *    count, so creating one is charged LUAWS_HOOK_STEP up front. C functions
+ *    that can do unbounded work charge by work (luaws_charge). Once the
+ *    budget is spent, the running code gets an error and from then on every
+ *    instruction of the erring thread and of the main thread errors too
+ *    (their count drops to 1), so a script cannot catch the error with pcall
+ *    and carry on; any other coroutine errors at its next hook.
+ *  - Finalizers never run script code: the sandbox refuses `__gc`
+ *    metatables (see the prelude), because hooks do not fire inside them.
  */
 #ifndef LUAWS_BRIDGE_H
 #define LUAWS_BRIDGE_H
@@ -81,7 +90,8 @@ typedef struct luaws_host {
     size_t mem_used;             /* bytes currently allocated by the state */
     size_t mem_limit;            /* 0 = no limit */
     int budget;                  /* VM instructions per call, 0 = no limit */
-    int budget_hit;              /* set by the hook during a call */
+    lua_Integer remaining;       /* what is left of the current call's budget */
+    int budget_hit;              /* set once the current call's budget is spent */
     char error[LUAWS_ERR_MAX];   /* the last error of luaws_call, NUL-terminated */
 
     /* Callbacks into Swift. They get plain values and must not call Lua. */
@@ -121,67 +131,226 @@ static inline luaws_host *luaws_host_of(lua_State *L) {
 
 /* ---------- instruction budget ---------- */
 
-static void luaws_budget_hook(lua_State *L, lua_Debug *ar) {
-    (void)ar;
+/* How many VM instructions pass between two calls of the count hook. */
+#define LUAWS_HOOK_STEP 1000
+/* A call that is not budgeted (a field read, an unref) gets this much. */
+#define LUAWS_UNLIMITED ((lua_Integer)1 << 62)
+
+static void luaws_budget_hook(lua_State *L, lua_Debug *ar);
+
+/* The budget is spent: from now on every instruction of this thread and of the main
+ * thread errors (count 1), then the error is raised here, at the script's line. */
+static int luaws_budget_exceeded(lua_State *L) {
     luaws_host *h = luaws_host_of(L);
     h->budget_hit = 1;
-    /* From now on every instruction errors, in this thread and the main one. */
+    h->remaining = 0;
     lua_sethook(L, luaws_budget_hook, LUA_MASKCOUNT, 1);
     lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
     lua_State *main = lua_tothread(L, -1);
     lua_pop(L, 1);
     if (main && main != L) lua_sethook(main, luaws_budget_hook, LUA_MASKCOUNT, 1);
     lua_Debug where;
-    if (lua_getstack(L, 0, &where) && lua_getinfo(L, "Sl", &where) && where.currentline > 0)
-        luaL_error(L, "%s:%d: instruction budget exceeded (%d instructions)",
-                   where.short_src, where.currentline, h->budget);
-    luaL_error(L, "instruction budget exceeded (%d instructions)", h->budget);
+    for (int level = 0; lua_getstack(L, level, &where); level++) {
+        if (lua_getinfo(L, "Sl", &where) && where.currentline > 0 && strcmp(where.source, "=luaws-prelude") != 0)
+            return luaL_error(L, "%s:%d: instruction budget exceeded (%d instructions)",
+                              where.short_src, where.currentline, h->budget);
+    }
+    return luaL_error(L, "instruction budget exceeded (%d instructions)", h->budget);
+}
+
+/* Fires every `lua_gethookcount(L)` instructions of any thread; charges them. */
+static void luaws_budget_hook(lua_State *L, lua_Debug *ar) {
+    (void)ar;
+    luaws_host *h = luaws_host_of(L);
+    int step = lua_gethookcount(L);
+    if (!h->budget_hit) {
+        h->remaining -= step;
+        if (h->remaining > 0) {
+            /* A thread left at count 1 by an earlier call's overrun goes back to the normal step. */
+            if (step != LUAWS_HOOK_STEP) lua_sethook(L, luaws_budget_hook, LUA_MASKCOUNT, LUAWS_HOOK_STEP);
+            return;
+        }
+    }
+    luaws_budget_exceeded(L);
+}
+
+/* Charges `units` (VM-instruction equivalents) of work done in C to the running call;
+ * raises the budget error when it is spent. For C functions whose work a count hook
+ * cannot see (pattern matching, string.rep, table.concat, JSON ...). */
+static void luaws_charge(lua_State *L, lua_Integer units) {
+    luaws_host *h = luaws_host_of(L);
+    if (units <= 0) return;
+    if (h->budget_hit || units >= h->remaining) luaws_budget_exceeded(L);
+    h->remaining -= units;
+}
+
+/* coroutine.create and coroutine.wrap, charged: a new thread starts with a fresh hook
+ * count, so up to LUAWS_HOOK_STEP of its instructions would go uncounted. The originals
+ * are upvalue 1. */
+static int luaws_charged_coroutine(lua_State *L) {
+    luaws_charge(L, LUAWS_HOOK_STEP);
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
+static void luaws_charge_coroutines(lua_State *L) {
+    static const char *const names[] = {"create", "wrap"};
+    lua_getglobal(L, "coroutine");
+    for (size_t i = 0; i < 2; i++) {
+        lua_getfield(L, -1, names[i]);
+        lua_pushcclosure(L, luaws_charged_coroutine, 1);
+        lua_setfield(L, -2, names[i]);
+    }
+    lua_pop(L, 1);
+}
+
+/* ---------- UTF-8 ---------- */
+
+/* Whether s[0..len) is well-formed UTF-8 (RFC 3629: no overlong forms, no surrogates,
+ * nothing past U+10FFFF): what a text frame may carry. ASCII runs are checked 8 bytes
+ * at a time, since most text is ASCII. */
+static int luaws_utf8_valid(const unsigned char *s, size_t len) {
+    size_t i = 0;
+    while (i < len) {
+        if (i + 8 <= len) {
+            uint64_t word;
+            memcpy(&word, s + i, 8);
+            if ((word & 0x8080808080808080ULL) == 0) { i += 8; continue; }
+        }
+        unsigned char c = s[i];
+        if (c < 0x80) { i++; continue; }
+        size_t n;
+        uint32_t cp;
+        if (c >= 0xC2 && c <= 0xDF) { n = 1; cp = c & 0x1F; }
+        else if (c >= 0xE0 && c <= 0xEF) { n = 2; cp = c & 0x0F; }
+        else if (c >= 0xF0 && c <= 0xF4) { n = 3; cp = c & 0x07; }
+        else return 0;
+        if (len - i - 1 < n) return 0;
+        for (size_t k = 1; k <= n; k++) {
+            unsigned char d = s[i + k];
+            if ((d & 0xC0) != 0x80) return 0;
+            cp = (cp << 6) | (d & 0x3F);
+        }
+        if ((n == 2 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) || (n == 3 && (cp < 0x10000 || cp > 0x10FFFF)))
+            return 0;
+        i += n + 1;
+    }
+    return 1;
+}
+
+/* core.utf8_valid(s) -> boolean */
+static int luaws_core_utf8_valid(lua_State *L) {
+    size_t len = 0;
+    const char *s = luaL_checklstring(L, 1, &len);
+    lua_pushboolean(L, luaws_utf8_valid((const unsigned char *)s, len));
+    return 1;
 }
 
 /* ---------- the core functions scripts reach through the prelude ---------- */
 
-/* conn:send(text) and conn:send_binary(bytes), straight from the method call: the connection
- * id is the `id` field of the conn table. Written in C because it is the hot path. */
+/* ---------- connections ----------
+ *
+ * A `conn` is a full userdata holding its id, so no script can change which connection
+ * it talks to (a table's `id` could be overwritten, even with rawset). Its one user value
+ * is a table of its other fields (path, protocol, data, the script's own fields ...),
+ * reached through the metatable registered as LUAWS_CONN_MT. */
+
+#define LUAWS_CONN_MT "luaws.conn"
+
+typedef struct luaws_conn { lua_Integer id; } luaws_conn;
+
+/* The id of the conn at `idx`; a Lua error if it is not a conn. */
+static lua_Integer luaws_conn_id(lua_State *L, int idx) {
+    return ((luaws_conn *)luaL_checkudata(L, idx, LUAWS_CONN_MT))->id;
+}
+
+/* conn:send(text) and conn:send_binary(bytes). Written in C because it is the hot path.
+ * Text must be valid UTF-8 (a text frame with anything else makes clients fail the
+ * connection): anything else is the script's error, at its line. */
 static int luaws_conn_send_kind(lua_State *L, int binary) {
     luaws_host *h = luaws_host_of(L);
-    luaL_checktype(L, 1, LUA_TTABLE);
-    lua_getfield(L, 1, "id");
-    lua_Integer id = lua_tointeger(L, -1);
+    lua_Integer id = luaws_conn_id(L, 1);
     size_t len = 0;
     const char *data;
     if (binary || lua_type(L, 2) == LUA_TSTRING) data = luaL_checklstring(L, 2, &len);
     else data = luaL_tolstring(L, 2, &len);   /* any other value, as tostring() would show it */
+    if (!binary && !luaws_utf8_valid((const unsigned char *)data, len))
+        return luaL_argerror(L, 2, "text is not valid UTF-8 (use conn:send_binary for bytes)");
     lua_pushboolean(L, h->send(h->swift, id, data, len, binary) == 0);
     return 1;
 }
 static int luaws_conn_send(lua_State *L) { return luaws_conn_send_kind(L, 0); }
+static int luaws_conn_send_binary(lua_State *L) { return luaws_conn_send_kind(L, 1); }
 
-/* Conn.__index(conn, key): a method from upvalue 1 (a table), else upvalue 2 (a Lua function
- * that makes lazy fields). In C because every conn:send goes through it. */
+/* Conn.__index(conn, key): a method from upvalue 1 (a table), else the conn's own field,
+ * else upvalue 2 (a Lua function(conn, key, fields) that makes lazy fields). In C because
+ * every conn:send goes through it. */
 static int luaws_conn_index(lua_State *L) {
     lua_settop(L, 2);
     lua_pushvalue(L, 2);
     if (lua_rawget(L, lua_upvalueindex(1)) != LUA_TNIL) return 1;
     lua_pop(L, 1);
+    lua_getiuservalue(L, 1, 1);           /* 3: fields */
+    lua_pushvalue(L, 2);
+    if (lua_rawget(L, 3) != LUA_TNIL) return 1;
+    lua_pop(L, 1);
     lua_pushvalue(L, lua_upvalueindex(2));
-    lua_insert(L, 1);
-    lua_call(L, 2, 1);
+    lua_insert(L, 1);                     /* lazy, conn, key, fields */
+    lua_call(L, 3, 1);
     return 1;
 }
 
-/* core.conn_index(methods, lazy) makes the __index closure above. */
-static int luaws_core_conn_index(lua_State *L) {
+/* core.conn_class(methods, lazy, newindex, tostring): registers the conn metatable. */
+static int luaws_core_conn_class(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
     luaL_checktype(L, 2, LUA_TFUNCTION);
-    lua_settop(L, 2);
+    luaL_checktype(L, 3, LUA_TFUNCTION);
+    luaL_checktype(L, 4, LUA_TFUNCTION);
+    luaL_newmetatable(L, LUAWS_CONN_MT);  /* 5 */
+    lua_pushvalue(L, 1);
+    lua_pushvalue(L, 2);
     lua_pushcclosure(L, luaws_conn_index, 2);
+    lua_setfield(L, 5, "__index");
+    lua_pushvalue(L, 3);
+    lua_setfield(L, 5, "__newindex");
+    lua_pushvalue(L, 4);
+    lua_setfield(L, 5, "__tostring");
+    lua_pushliteral(L, "luaws.conn");
+    lua_setfield(L, 5, "__metatable");
+    lua_settop(L, 0);
+    return 0;
+}
+
+/* core.new_conn(id, fields) -> conn */
+static int luaws_core_new_conn(lua_State *L) {
+    lua_Integer id = luaL_checkinteger(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    luaws_conn *c = (luaws_conn *)lua_newuserdatauv(L, sizeof(luaws_conn), 1);
+    c->id = id;
+    lua_pushvalue(L, 2);
+    lua_setiuservalue(L, -2, 1);
+    luaL_setmetatable(L, LUAWS_CONN_MT);
     return 1;
 }
-static int luaws_conn_send_binary(lua_State *L) { return luaws_conn_send_kind(L, 1); }
 
-static int luaws_core_close(lua_State *L) {
+/* core.conn_id(conn) -> id; core.conn_fields(conn) -> its field table (prelude only). */
+static int luaws_core_conn_id(lua_State *L) {
+    lua_pushinteger(L, luaws_conn_id(L, 1));
+    return 1;
+}
+static int luaws_core_conn_fields(lua_State *L) {
+    luaws_conn_id(L, 1);
+    lua_getiuservalue(L, 1, 1);
+    return 1;
+}
+
+/* conn:close([code [, reason]]): a method in C so that a bad argument is reported at the
+ * script's line. */
+static int luaws_conn_close(lua_State *L) {
     luaws_host *h = luaws_host_of(L);
-    lua_Integer id = luaL_checkinteger(L, 1);
+    lua_Integer id = luaws_conn_id(L, 1);
     lua_Integer code = luaL_optinteger(L, 2, 1000);
     size_t len = 0;
     const char *reason = luaL_optlstring(L, 3, "", &len);
@@ -189,6 +358,8 @@ static int luaws_core_close(lua_State *L) {
         return luaL_argerror(L, 2, "not a close code a server may send (1000-1014 but 1004-1006, or 3000-4999)");
     if (len > 123)
         return luaL_argerror(L, 3, "close reason longer than 123 bytes");
+    if (!luaws_utf8_valid((const unsigned char *)reason, len))
+        return luaL_argerror(L, 3, "close reason is not valid UTF-8");
     lua_pushboolean(L, h->close(h->swift, id, code, reason, len) == 0);
     return 1;
 }
@@ -223,6 +394,20 @@ static int luaws_core_now(lua_State *L) {
     return 1;
 }
 
+/* Pushes "file:line: " of the innermost running function that is not the prelude's (the
+ * script line that asked for something), or "" if there is none. */
+static void luaws_where_script(lua_State *L) {
+    lua_Debug ar;
+    for (int level = 1; lua_getstack(L, level, &ar); level++) {
+        if (!lua_getinfo(L, "Sl", &ar)) break;
+        if (ar.currentline > 0 && strcmp(ar.source, "=luaws-prelude") != 0) {
+            lua_pushfstring(L, "%s:%d: ", ar.short_src, ar.currentline);
+            return;
+        }
+    }
+    lua_pushliteral(L, "");
+}
+
 /* Pushes a reply; frees its string. Raises for LUAWS_REPLY_ERROR. */
 static int luaws_push_reply(lua_State *L, luaws_reply *r) {
     switch (r->type) {
@@ -241,7 +426,7 @@ static int luaws_push_reply(lua_State *L, luaws_reply *r) {
         luaL_setmetatable(L, "luaws.malloc");
         lua_toclose(L, -1);
         if (r->type == LUAWS_REPLY_ERROR) {
-            luaL_where(L, 1);   /* the caller's file:line, as luaL_error gives */
+            luaws_where_script(L);   /* the script's file:line, past prelude frames */
             lua_pushlstring(L, str ? str : "", len);
             lua_concat(L, 2);
             return lua_error(L);
@@ -503,8 +688,12 @@ static void luaws_push_core(lua_State *L) {
     static const luaL_Reg core[] = {
         {"conn_send", luaws_conn_send},
         {"conn_send_binary", luaws_conn_send_binary},
-        {"conn_index", luaws_core_conn_index},
-        {"close", luaws_core_close},
+        {"conn_close", luaws_conn_close},
+        {"conn_class", luaws_core_conn_class},
+        {"new_conn", luaws_core_new_conn},
+        {"conn_id", luaws_core_conn_id},
+        {"conn_fields", luaws_core_conn_fields},
+        {"utf8_valid", luaws_core_utf8_valid},
         {"log", luaws_core_log},
         {"utcnow_iso", luaws_core_utcnow_iso},
         {"now", luaws_core_now},
@@ -611,10 +800,9 @@ static int luaws_protected(lua_State *L, lua_CFunction fn, void *frame, int budg
     lua_pushcfunction(L, luaws_msgh);
     lua_pushcfunction(L, fn);
     lua_pushlightuserdata(L, frame);
-    budgeted = budgeted && h->budget > 0;
-    if (budgeted) lua_sethook(L, luaws_budget_hook, LUA_MASKCOUNT, h->budget);
+    /* The hook stays armed on every thread; a new call gets a whole budget. */
+    h->remaining = budgeted && h->budget > 0 ? (lua_Integer)h->budget : LUAWS_UNLIMITED;
     int status = lua_pcall(L, 1, 0, top + 1);
-    if (budgeted) lua_sethook(L, NULL, 0, 0);
     if (status != LUA_OK) luaws_copy_error(L, h, status);
     lua_settop(L, top);
     return status;
@@ -672,6 +860,7 @@ static int luaws_load_trampoline(lua_State *L) {
     const char *name = (const char *)lua_touserdata(L, 3);
     int *ref = (int *)lua_touserdata(L, 4);
     luaL_openlibs(L);
+    luaws_charge_coroutines(L);
     if (luaL_loadbufferx(L, src, len, name, "t") != LUA_OK) return lua_error(L);
     luaws_push_core(L);
     lua_call(L, 1, 1);
@@ -696,6 +885,10 @@ static inline lua_State *luaws_open(luaws_host *h, const char *prelude, size_t l
         return NULL;
     }
     lua_atpanic(L, luaws_panic);
+    /* Before anything runs, so that every coroutine inherits it. */
+    h->remaining = LUAWS_UNLIMITED;
+    h->budget_hit = 0;
+    lua_sethook(L, luaws_budget_hook, LUA_MASKCOUNT, LUAWS_HOOK_STEP);
     lua_pushcfunction(L, luaws_msgh);
     lua_pushcfunction(L, luaws_load_trampoline);
     lua_pushlightuserdata(L, (void *)prelude);

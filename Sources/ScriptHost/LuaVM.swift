@@ -14,8 +14,6 @@ struct LuaResult {
 /// An error raised by Lua code, with the message Lua gave (it starts with `file:line:`
 /// when Lua knows where) and the traceback.
 public struct LuaError: Error, CustomStringConvertible, Sendable {
-    public enum Kind: Sendable { case runtime, syntax, memory, budget }
-    public var kind: Kind
     /// The message and traceback as Lua produced them.
     public var message: String
     /// The message without the traceback: what a log line shows.
@@ -127,7 +125,7 @@ final class LuaVM {
             let message = Self.errorText(host)
             host.deinitialize(count: 1)
             host.deallocate()
-            throw LuaError(kind: .runtime, message: "luaws prelude: \(message)")
+            throw LuaError(message: "luaws prelude: \(message)")
         }
         self.host = host
         hookArgs = .allocate(capacity: 3)
@@ -190,7 +188,7 @@ final class LuaVM {
     func apiFunction(_ name: String) throws -> Int32 {
         if let ref = apiFunctions[name] { return ref }
         let result = try call(api, [], wantRef: true, indexing: name)
-        guard let ref = result.ref else { throw LuaError(kind: .runtime, message: "luaws prelude has no \(name)") }
+        guard let ref = result.ref else { throw LuaError(message: "luaws prelude has no \(name)") }
         apiFunctions[name] = ref
         return ref
     }
@@ -250,17 +248,7 @@ final class LuaVM {
     }
 
     private func error(_ status: Int32) -> LuaError {
-        let kind: LuaError.Kind
-        if host.pointee.budget_hit != 0 {
-            kind = .budget
-        } else if status == LUA_ERRMEM {
-            kind = .memory
-        } else if status == LUA_ERRSYNTAX {
-            kind = .syntax
-        } else {
-            kind = .runtime
-        }
-        return LuaError(kind: kind, message: Self.errorText(host))
+        LuaError(message: Self.errorText(host))
     }
 
     func unref(_ ref: Int32) {

@@ -30,22 +30,18 @@ public struct ScriptRequest: Sendable {
     }
 }
 
-/// The Lua plugins of one event loop: one Lua state, the loaded plugin set, and the connections
-/// of that loop. Every method must be called on that loop's thread; instances are never shared.
+/// The Lua plugins of one event loop: one Lua state, the plugin set that serves, and the
+/// connections of that loop. Every method must be called on that loop's thread; instances are
+/// never shared.
+///
+/// A plugin set has a lifecycle of its own, the same for start, `luaws check` and reload:
+/// **prepare** (compile and run every plugin in this state, next to the set that serves; its
+/// top-level timers are recorded, not started) → **activate** (it serves; its top-level timers
+/// start, on the primary host only) → **retire** (replaced: its references are dropped and its
+/// plugin timers cancelled). A prepared set that is not wanted after all (another loop failed
+/// to load it) is discarded, which is retiring a set that never served. Connections, their
+/// timers and their subscriptions belong to the host, not to a set: they survive reloads.
 public final class PluginHost {
-    private struct Plugin {
-        var name: String
-        var path: String
-        var onOpen: Int32?
-        var onMessage: Int32?
-        var onClose: Int32?
-        var onIdle: Int32?
-        var onReload: Int32?
-        var idle: Double?
-
-        var refs: [Int32] { [onOpen, onMessage, onClose, onIdle, onReload].compactMap { $0 } }
-    }
-
     private struct Connection {
         let handle: ScriptConnection
         /// Registry reference of the Lua `conn` object.
@@ -53,6 +49,17 @@ public final class PluginHost {
         let path: String
         var channels: Set<String> = []
         var timers: Set<Int64> = []
+    }
+
+    /// A timer scripts started. `task` is nil while it waits for its set to be activated.
+    private struct Timer {
+        var task: Scheduled<Void>?
+        /// The connection that owns it, 0 for a plugin timer.
+        let connection: Int64
+        /// The plugin set that owns a plugin timer.
+        let generation: Int
+        let seconds: Double
+        let repeating: Bool
     }
 
     /// `core.command` operations; the prelude has the same numbers (OP_*).
@@ -64,39 +71,19 @@ public final class PluginHost {
     private let logger: Logger
     private let cluster: ScriptCluster?
     private let eventLoop: EventLoop?
+    /// Whether top-level timers (started while a plugin loads) run here: one host per process
+    /// runs them, so that a plugin's `luaws.every(60, tick)` ticks once, not once per loop.
+    private let isPrimary: Bool
     /// Connections subscribed to each channel.
     private var subscribers: [String: Set<Int64>] = [:]
-    /// Scheduled Lua timers by id, with the connection that owns each (0: the plugin).
-    private var timers: [Int64: (task: Scheduled<Void>, connection: Int64)] = [:]
-    private var plugins: [Plugin] = []
-    /// For each hook (by `Hook.rawValue`), the plugins that have it (index into `plugins`,
-    /// function), in order: dispatch walks only these.
-    private var hooks: [[(plugin: Int, function: Int32)]] = Array(repeating: [], count: Hook.allCases.count)
-
-    private enum Hook: Int, CaseIterable {
-        case onOpen, onMessage, onClose, onReload
-
-        var name: String {
-            switch self {
-            case .onOpen: "on_open"
-            case .onMessage: "on_message"
-            case .onClose: "on_close"
-            case .onReload: "on_reload"
-            }
-        }
-
-        func function(of plugin: Plugin) -> Int32? {
-            switch self {
-            case .onOpen: plugin.onOpen
-            case .onMessage: plugin.onMessage
-            case .onClose: plugin.onClose
-            case .onReload: plugin.onReload
-            }
-        }
-    }
-    private var setRef: Int32?
-    /// Index into `plugins` of the plugin behind each idle timer.
-    private var idleTimerPlugins: [Int] = []
+    private var timers: [Int64: Timer] = [:]
+    /// The set that serves.
+    private var active: LoadedPlugins
+    /// Sets loaded but not (yet) serving, by generation.
+    private var prepared: [Int: LoadedPlugins] = [:]
+    private var nextGeneration = 0
+    /// The generation being loaded: timers started now are its top-level timers.
+    private var loadingGeneration: Int?
     private var connections: [Int64: Connection] = [:]
     /// Lua is not re-entered: events that arrive while a hook runs (a send that fails and
     /// closes another connection, say) wait here until it returns.
@@ -104,26 +91,28 @@ public final class PluginHost {
     private var deferred: [Event] = []
 
     // Prelude functions, as registry references.
-    private let fnNewSet, fnAddPlugin, fnPluginField, fnNewConn, fnFireTimer, fnDropConn, fnProtocols: Int32
+    private let fnNewSet, fnAddPlugin, fnPluginField, fnNewConn, fnFireTimer, fnDropConn, fnProtocols, fnRetireSet, fnForgetTimer: Int32
 
     /// Script errors (of any hook or load) since start.
     public private(set) var errorCount = 0
     /// Sub-protocols the loaded plugins declare (`protocols = {...}`), in plugin order.
-    public private(set) var subprotocols: [String] = []
-    /// Names of the loaded plugins, in order.
-    public var pluginNames: [String] { plugins.map(\.name) }
+    public var subprotocols: [String] { active.subprotocols }
+    /// Names of the loaded plugins, in order (a plugin's `name` field, else its file name).
+    public var pluginNames: [String] { active.plugins.map(\.name) }
     /// Bytes the Lua state holds now.
     public var memoryInUse: Int { vm.memoryInUse }
 
     /// A host for one event loop. Without `eventLoop` (unit tests, `luaws check`) timers are
-    /// refused; without `cluster`, publish, broadcast and the shared store do nothing.
+    /// recorded but never run; without `cluster`, publish, broadcast and the shared store do
+    /// nothing.
     public init(
         plugins set: PluginSet, vars: [String: String] = [:], limits: ScriptLimits = .init(), logger: Logger,
-        cluster: ScriptCluster? = nil, eventLoop: EventLoop? = nil
+        cluster: ScriptCluster? = nil, eventLoop: EventLoop? = nil, isPrimary: Bool = true
     ) throws {
         self.logger = logger
         self.cluster = cluster
         self.eventLoop = eventLoop
+        self.isPrimary = isPrimary
         vm = try LuaVM(memoryLimit: limits.memoryLimit, instructionBudget: limits.instructionBudget)
         fnNewSet = try vm.apiFunction("new_set")
         fnAddPlugin = try vm.apiFunction("add_plugin")
@@ -132,36 +121,45 @@ public final class PluginHost {
         fnFireTimer = try vm.apiFunction("fire_timer")
         fnDropConn = try vm.apiFunction("drop_conn")
         fnProtocols = try vm.apiFunction("protocols")
+        fnRetireSet = try vm.apiFunction("retire_set")
+        fnForgetTimer = try vm.apiFunction("forget_timer")
         let setVar = try vm.apiFunction("set_var")
         for (name, value) in vars.sorted(by: { $0.key < $1.key }) {
             try vm.call(setVar, [.string(name), .string(value)])
         }
+        active = LoadedPlugins()
         vm.delegate = self
-        try load(set)
+        activate(try prepare(set), reloading: false)
     }
 
-    /// Compiles and runs every plugin of `set` and makes them the ones that serve. All or nothing:
-    /// on error the previous plugins stay and the error names the file (and line).
-    public func load(_ set: PluginSet, reloading: Bool = false) throws {
-        let newSet = try vm.call(fnNewSet, [.string(set.libraryDirectory)], wantRef: true).ref!
-        var loaded: [Plugin] = []
-        var loadedProtocols: [String] = []
+    // MARK: the plugin set's lifecycle
+
+    /// Compiles and runs every plugin of `set` in this state, beside the set that serves, and
+    /// returns its generation for `activate` or `discard`. On error nothing is left behind and
+    /// the error names the file (and line).
+    public func prepare(_ set: PluginSet) throws -> Int {
+        nextGeneration += 1
+        let generation = nextGeneration
+        let setRef = try vm.call(fnNewSet, [.string(set.libraryDirectory), .int(Int64(generation))], wantRef: true).ref!
+        var loaded = LoadedPlugins(generation: generation, setRef: setRef)
+        loadingGeneration = generation
+        defer { loadingGeneration = nil }
         do {
             for source in set.plugins {
                 do {
-                    try vm.call(fnAddPlugin, [.ref(newSet), .string(source.name), .string(source.path), .string(source.source)])
+                    try vm.call(fnAddPlugin, [.ref(setRef), .string(source.name), .string(source.path), .string(source.source)])
                 } catch let error as LuaError {
                     throw PluginLoadError(file: source.path, message: error.summary)
                 }
             }
-            let protocols = try vm.call(fnProtocols, [.ref(newSet)]).string ?? ""
-            loadedProtocols = protocols.split(separator: ",").map(String.init)
+            let protocols = try vm.call(fnProtocols, [.ref(setRef)]).string ?? ""
+            loaded.subprotocols = protocols.split(separator: ",").map(String.init)
             for (index, source) in set.plugins.enumerated() {
                 func field(_ name: String, ref: Bool) throws -> LuaResult {
-                    try vm.call(fnPluginField, [.ref(newSet), .int(Int64(index + 1)), .string(name)], wantRef: ref)
+                    try vm.call(fnPluginField, [.ref(setRef), .int(Int64(index + 1)), .string(name)], wantRef: ref)
                 }
-                loaded.append(Plugin(
-                    name: source.name, path: source.path,
+                loaded.plugins.append(LoadedPlugins.Plugin(
+                    name: try field("name", ref: false).string ?? source.name, path: source.path,
                     onOpen: try field("on_open", ref: true).ref,
                     onMessage: try field("on_message", ref: true).ref,
                     onClose: try field("on_close", ref: true).ref,
@@ -171,27 +169,60 @@ public final class PluginHost {
                 ))
             }
         } catch {
-            for plugin in loaded { plugin.refs.forEach(vm.unref) }
-            vm.unref(newSet)
+            retire(loaded)
             errorCount += 1
             if let error = error as? PluginLoadError { throw error }
             throw PluginLoadError(file: "", message: "\(error)")
         }
-        for plugin in plugins { plugin.refs.forEach(vm.unref) }
-        if let setRef { vm.unref(setRef) }
-        plugins = loaded
-        hooks = Hook.allCases.map { hook in
-            plugins.indices.compactMap { index in hook.function(of: plugins[index]).map { (index, $0) } }
+        loaded.finish()
+        prepared[generation] = loaded
+        return generation
+    }
+
+    /// Makes prepared set `generation` the one that serves and retires the previous one. With
+    /// `reloading`, every connection's `on_reload` runs.
+    public func activate(_ generation: Int, reloading: Bool = true) {
+        guard let next = prepared.removeValue(forKey: generation) else { return }
+        let previous = active
+        active = next
+        retire(previous)
+        // Its top-level timers: started on the primary host, forgotten elsewhere.
+        for (id, timer) in timers where timer.generation == generation && timer.task == nil && timer.connection == 0 {
+            if isPrimary, eventLoop != nil {
+                timers[id]?.task = schedule(id, seconds: timer.seconds, repeating: timer.repeating)
+            } else {
+                timers[id] = nil
+                do { try vm.call(fnForgetTimer, [.int(id)]) } catch { report(error, plugin: nil, hook: "timer") }
+            }
         }
-        subprotocols = loadedProtocols
-        setRef = newSet
-        idleTimerPlugins = plugins.indices.filter { plugins[$0].onIdle != nil && plugins[$0].idle != nil }
         let seconds = idleTimers
         for connection in connections.values { connection.handle.setIdleTimers(seconds) }
         if reloading { deliver(.reloaded) }
     }
 
-    private var idleTimers: [Double] { idleTimerPlugins.map { plugins[$0].idle! } }
+    /// Drops prepared set `generation` without it ever serving.
+    public func discard(_ generation: Int) {
+        if let set = prepared.removeValue(forKey: generation) { retire(set) }
+    }
+
+    /// Loads `set` and makes it serve (prepare, then activate): all or nothing.
+    public func load(_ set: PluginSet, reloading: Bool = false) throws {
+        activate(try prepare(set), reloading: reloading)
+    }
+
+    /// Ends a set: its plugin timers stop, its Lua references go.
+    private func retire(_ set: LoadedPlugins) {
+        guard set.generation != 0 else { return }
+        for (id, timer) in timers where timer.connection == 0 && timer.generation == set.generation {
+            timer.task?.cancel()
+            timers[id] = nil
+        }
+        do { try vm.call(fnRetireSet, [.ref(set.setRef)]) } catch { report(error, plugin: nil, hook: "reload") }
+        for plugin in set.plugins { plugin.refs.forEach(vm.unref) }
+        vm.unref(set.setRef)
+    }
+
+    private var idleTimers: [Double] { active.idleTimerPlugins.map { active.plugins[$0].idle! } }
 
     // MARK: events from the engine
 
@@ -278,19 +309,20 @@ public final class PluginHost {
             handleMessage(id: id, data: data, binary: binary)
 
         case .idle(let id, let timer):
-            guard let connection = connections[id], timer < idleTimerPlugins.count else { return }
-            let plugin = plugins[idleTimerPlugins[timer]]
+            guard let connection = connections[id], timer < active.idleTimerPlugins.count else { return }
+            let plugin = active.plugins[active.idleTimerPlugins[timer]]
             if let fn = plugin.onIdle {
                 do { _ = try vm.callHook(fn, connection: connection.ref) } catch { report(error, plugin: plugin, hook: "on_idle") }
             }
 
         case .closed(let id, let code, let reason):
-            guard let connection = connections[id] else { return }
-            dispatch(.onClose, [.ref(connection.ref), .int(Int64(code)), .string(reason)])
-            // After on_close, so that it may still look at what it subscribed to.
-            connections[id] = nil
+            guard let ref = connections[id]?.ref else { return }
+            dispatch(.onClose, [.ref(ref), .int(Int64(code)), .string(reason)])
+            // After on_close, so that it may still look at what it subscribed to; and read
+            // again, so that what on_close itself started (timers, subscriptions) goes too.
+            guard let connection = connections.removeValue(forKey: id) else { return }
             for channel in connection.channels { unsubscribe(id, from: channel) }
-            for timer in connection.timers { timers.removeValue(forKey: timer)?.task.cancel() }
+            for timer in connection.timers { timers.removeValue(forKey: timer)?.task?.cancel() }
             do { try vm.call(fnDropConn, [.ref(connection.ref)]) } catch { report(error, plugin: nil, hook: "close") }
             vm.unref(connection.ref)
 
@@ -311,22 +343,21 @@ public final class PluginHost {
 
     public var connectionCount: Int { connections.count }
 
-    // MARK: calling plugins
+    /// Timers scripts have running (or waiting for their set) on this loop.
+    public var timerCount: Int { timers.count }
 
     // MARK: channels, broadcast, timers
 
-    /// Sends `text` to this loop's subscribers of `channel`.
-    func deliver(channel: String, text: String) {
+    /// Sends `message` to this loop's subscribers of `channel`.
+    func deliver(channel: String, message: ByteBuffer) {
         guard let ids = subscribers[channel] else { return }
-        let buffer = ByteBuffer(string: text)
-        for id in ids { _ = connections[id]?.handle.send(buffer, binary: false) }
+        for id in ids { _ = connections[id]?.handle.send(message, binary: false) }
     }
 
-    /// Sends `text` to this loop's connections on `path`.
-    func deliver(path: String, text: String) {
-        let buffer = ByteBuffer(string: text)
+    /// Sends `message` to this loop's connections on `path`.
+    func deliver(path: String, message: ByteBuffer) {
         for connection in connections.values where connection.path == path {
-            _ = connection.handle.send(buffer, binary: false)
+            _ = connection.handle.send(message, binary: false)
         }
     }
 
@@ -336,25 +367,30 @@ public final class PluginHost {
         if subscribers[channel]?.isEmpty == true { subscribers[channel] = nil }
     }
 
-    private func startTimer(id timer: Int64, connection: Int64, seconds: Double, repeating: Bool) -> LuaValue {
-        guard let eventLoop else { return .error("timers are not available here") }
+    private func startTimer(id timer: Int64, connection: Int64, seconds: Double, repeating: Bool, generation: Int) -> LuaValue {
+        // The prelude checks too; a value that reached here unchecked must not trap below.
+        guard seconds.isFinite, seconds >= 0.001, seconds <= 1e9 else { return .error("timer interval out of range") }
         if connection != 0 {
             guard connections[connection] != nil else { return .error("timer on a closed connection") }
             connections[connection]?.timers.insert(timer)
         }
+        // A top-level timer (started while its set loads) waits for the set to serve.
+        let waits = connection == 0 && generation == loadingGeneration
+        let task = waits || eventLoop == nil ? nil : schedule(timer, seconds: seconds, repeating: repeating)
+        timers[timer] = Timer(task: task, connection: connection, generation: connection == 0 ? generation : 0, seconds: seconds, repeating: repeating)
+        return .nil
+    }
+
+    private func schedule(_ timer: Int64, seconds: Double, repeating: Bool) -> Scheduled<Void>? {
+        guard let eventLoop else { return nil }
         let interval = TimeAmount.nanoseconds(Int64((seconds * 1e9).rounded()))
         let loopBound = NIOLoopBound(self, eventLoop: eventLoop)
-        let fire: @Sendable (RepeatedTask) -> Void = { _ in loopBound.value.timerFired(timer) }
-        let task: Scheduled<Void>
         if repeating {
-            let repeated = eventLoop.scheduleRepeatedTask(initialDelay: interval, delay: interval, fire)
+            let repeated = eventLoop.scheduleRepeatedTask(initialDelay: interval, delay: interval) { _ in loopBound.value.timerFired(timer) }
             let promise = eventLoop.makePromise(of: Void.self)
-            task = Scheduled(promise: promise, cancellationTask: { repeated.cancel() })
-        } else {
-            task = eventLoop.scheduleTask(in: interval) { loopBound.value.timerFired(timer, once: true) }
+            return Scheduled(promise: promise, cancellationTask: { repeated.cancel() })
         }
-        timers[timer] = (task, connection)
-        return .nil
+        return eventLoop.scheduleTask(in: interval) { loopBound.value.timerFired(timer, once: true) }
     }
 
     private func timerFired(_ timer: Int64, once: Bool = false) {
@@ -363,40 +399,42 @@ public final class PluginHost {
     }
 
     private func cancelTimer(_ timer: Int64) {
-        forgetTimer(timer)?.cancel()
+        forgetTimer(timer)?.task?.cancel()
     }
 
-    /// Drops `timer` from the host's books (and its connection's); returns its task.
-    private func forgetTimer(_ timer: Int64) -> Scheduled<Void>? {
+    /// Drops `timer` from the host's books (and its connection's); returns it.
+    private func forgetTimer(_ timer: Int64) -> Timer? {
         guard let entry = timers.removeValue(forKey: timer) else { return nil }
         if entry.connection != 0 { connections[entry.connection]?.timers.remove(timer) }
-        return entry.task
+        return entry
     }
 
     /// Calls `hook` of every plugin that has it, in order, until one returns true. A hook that
     /// fails is reported and the next plugin still sees the event.
-    private func dispatch(_ hook: Hook, connection: Int32, payload: ByteBuffer? = nil, kind: StaticString? = nil) {
-        for (index, function) in hooks[hook.rawValue] {
+    private func dispatch(_ hook: LoadedPlugins.Hook, connection: Int32, payload: ByteBuffer? = nil, kind: StaticString? = nil) {
+        let set = active
+        for (index, function) in set.hooks[hook.rawValue] {
             do {
                 if try vm.callHook(function, connection: connection, payload: payload, kind: kind) { break }
             } catch {
-                report(error, plugin: plugins[index], hook: hook.name)
+                report(error, plugin: set.plugins[index], hook: hook.name)
             }
         }
     }
 
     /// The same, for a hook whose arguments do not fit `callHook` (on_close).
-    private func dispatch(_ hook: Hook, _ args: [LuaArg]) {
-        for (index, function) in hooks[hook.rawValue] {
+    private func dispatch(_ hook: LoadedPlugins.Hook, _ args: [LuaArg]) {
+        let set = active
+        for (index, function) in set.hooks[hook.rawValue] {
             do {
                 if try vm.call(function, args).truthy { break }
             } catch {
-                report(error, plugin: plugins[index], hook: hook.name)
+                report(error, plugin: set.plugins[index], hook: hook.name)
             }
         }
     }
 
-    private func report(_ error: Error, plugin: Plugin?, hook: String) {
+    private func report(_ error: Error, plugin: LoadedPlugins.Plugin?, hook: String) {
         errorCount += 1
         let where_ = plugin.map { "\($0.path) \(hook)" } ?? hook
         if let error = error as? LuaError {
@@ -431,8 +469,8 @@ extension PluginHost: LuaVMDelegate {
         }
         switch Command(rawValue: op) {
         case .timerStart:
-            guard let connection = integer(0), let timer = integer(1), let seconds = number(2) else { return .error("bad timer") }
-            return startTimer(id: timer, connection: connection, seconds: seconds, repeating: args[safe: 3] == .bool(true))
+            guard let connection = integer(0), let timer = integer(1), let seconds = number(2), let generation = integer(4) else { return .error("bad timer") }
+            return startTimer(id: timer, connection: connection, seconds: seconds, repeating: args[safe: 3] == .bool(true), generation: Int(truncatingIfNeeded: generation))
         case .timerCancel:
             if let timer = integer(0) { cancelTimer(timer) }
             return .nil
@@ -447,12 +485,10 @@ extension PluginHost: LuaVMDelegate {
             return .bool(true)
         case .publish:
             guard let channel = string(0), let text = string(1) else { return .nil }
-            cluster?.publish(channel: channel, text: text)
-            return .nil
+            return cluster?.publish(channel: channel, text: text).map { .error($0) } ?? .nil
         case .broadcast:
             guard let path = string(0), let text = string(1) else { return .nil }
-            cluster?.broadcast(path: path, text: text)
-            return .nil
+            return cluster?.broadcast(path: path, text: text).map { .error($0) } ?? .nil
         case .sharedGet:
             guard let key = string(0) else { return .nil }
             switch cluster?.sharedGet(key) {
@@ -471,15 +507,15 @@ extension PluginHost: LuaVMDelegate {
             case .bool(let b): .bool(b)
             default: nil
             }
-            cluster?.sharedSet(key, value)
-            return .nil
+            return cluster?.sharedSet(key, value).map { .error($0) } ?? .nil
         case .sharedIncrement:
             guard let key = string(0) else { return .nil }
             let delta: SharedValue = integer(1).map { .integer($0) } ?? .number(number(1) ?? 1)
             guard let cluster else { return .nil }
             switch cluster.sharedIncrement(key, by: delta) {
-            case .integer(let i): return .integer(i)
-            case .number(let n): return .number(n)
+            case .success(.integer(let i)): return .integer(i)
+            case .success(.number(let n)): return .number(n)
+            case .failure(let error): return .error(error.message)
             default: return .error("shared:incr: '\(key)' does not hold a number")
             }
         case nil:

@@ -74,15 +74,25 @@ public struct PluginLoadError: Error, CustomStringConvertible, Sendable {
     public var description: String { message }
 }
 
-/// Limits that protect the server from its scripts. Each Lua state has its own.
+/// Limits that protect the server from its scripts. Each Lua state has its own budget and
+/// memory cap; the shared store and the delivery queue are per process.
 public struct ScriptLimits: Sendable {
-    /// VM instructions one hook call may run before it is stopped with an error. 0 = unlimited.
+    /// VM instructions one hook call (with every coroutine it runs) may run before it is
+    /// stopped with an error. 0 = unlimited.
     public var instructionBudget: Int = 10_000_000
     /// Bytes one Lua state (one per event loop) may allocate. 0 = unlimited.
     public var memoryLimit: Int = 256 << 20
+    /// Bytes the shared store (`luaws.shared`) may hold, keys and values. 0 = unlimited.
+    public var sharedMemoryLimit: Int = 64 << 20
+    /// Bytes one key and value of the shared store may take.
+    public var sharedValueLimit: Int = 1 << 20
+    /// Bytes of published and broadcast messages waiting to reach the event loops; a publish
+    /// past it is an error in the script.
+    public var maxPendingDelivery: Int = 64 << 20
 
-    public init(instructionBudget: Int = 10_000_000, memoryLimit: Int = 256 << 20) {
+    public init(instructionBudget: Int = 10_000_000, memoryLimit: Int = 256 << 20, sharedMemoryLimit: Int = 64 << 20) {
         self.instructionBudget = instructionBudget
         self.memoryLimit = memoryLimit
+        self.sharedMemoryLimit = sharedMemoryLimit
     }
 }

@@ -10,12 +10,17 @@ local LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR = 0, 1, 2, 3
 local log_levels = { debug = LOG_DEBUG, info = LOG_INFO, warn = LOG_WARN, warning = LOG_WARN, error = LOG_ERROR }
 
 -- Private copies: scripts never see these.
-local io_open, load, loadfile, setmetatable, rawget, rawset, type, pairs, tostring, select, error =
-      io.open, load, loadfile, setmetatable, rawget, rawset, type, pairs, tostring, select, error
+local io_open, load, loadfile, setmetatable, getmetatable, rawget, rawset, type, pairs, next, tostring, select, error =
+      io.open, load, loadfile, setmetatable, getmetatable, rawget, rawset, type, pairs, next, tostring, select, error
 local concat, gsub, gmatch, lower, find = table.concat, string.gsub, string.gmatch, string.lower, string.find
+local getinfo = debug.getinfo
+local conn_id, conn_fields, utf8_valid = core.conn_id, core.conn_fields, core.utf8_valid
 
--- Strings share one metatable: lock it so no plugin can change `("x"):upper()` for the others.
+-- Strings share one metatable whose __index is the real `string` table: lock it so no plugin
+-- can change `("x"):upper()` for the others, and take `dump` out of the real table (bytecode
+-- is refused by `load` anyway; `("").dump` would otherwise reach it).
 getmetatable("").__metatable = false
+string.dump = nil
 
 -- Most garbage here is short-lived (one message's strings): the generational collector
 -- suits that better than the incremental default.
@@ -28,6 +33,10 @@ local OP_TIMER_START, OP_TIMER_CANCEL, OP_SUBSCRIBE, OP_UNSUBSCRIBE, OP_PUBLISH,
       OP_SHARED_GET, OP_SHARED_SET, OP_SHARED_INCR = 1, 2, 3, 4, 5, 6, 7, 8, 9
 local command = core.command
 
+-- Limits on what scripts may hold (README: sandbox and limits).
+local MAX_CONN_TIMERS, MAX_PLUGIN_TIMERS = 64, 1024
+local MIN_INTERVAL, MAX_INTERVAL = 0.001, 1e9
+
 local function tostrings(...)
   local n = select("#", ...)
   local parts = {}
@@ -35,22 +44,97 @@ local function tostrings(...)
   return concat(parts, " ")
 end
 
------------------------------------------------------------------------- luaws module
-local luaws = {
+------------------------------------------------------------------------ read-only tables
+-- Tables every plugin shares (its `luaws`, `luaws.json`, `luaws.shared`) are proxies: writes
+-- fail, and the sandbox's rawset refuses them, so no plugin can change them for another.
+local frozen = setmetatable({}, { __mode = "k" })
+local function readonly(t, what)
+  local proxy = setmetatable({}, {
+    __index = t,
+    __newindex = function(_, k) error(what .. " is read-only (cannot set '" .. tostring(k) .. "')", 2) end,
+    __pairs = function() return next, t, nil end,
+    __len = function() return #t end,
+    __metatable = false,
+  })
+  frozen[proxy] = true
+  return proxy
+end
+
+------------------------------------------------------------------------ timers
+-- Every timer of this state, by id: { fn = f, conn = conn or nil, every = bool, owner = plugin }.
+-- A plugin record (`owner`) is { name =, set =, count = its timers without a connection }.
+local timers = {}
+local next_timer = 0
+local timer_ids = setmetatable({}, { __mode = "k" })   -- timer object -> id, out of scripts' reach
+local Timer = { __index = {}, __metatable = "luaws.timer" }
+
+-- Forgets timer `id` (Swift's books are kept by Swift).
+local function forget_timer(id)
+  local t = timers[id]
+  if t == nil then return end
+  timers[id] = nil
+  if t.conn then
+    local fields = conn_fields(t.conn)
+    local owned = fields._timers
+    if owned and owned[id] then owned[id] = nil; fields._ntimers = fields._ntimers - 1 end
+  else
+    t.owner.count = t.owner.count - 1
+  end
+end
+
+function Timer.__index:cancel()
+  local id = timer_ids[self]
+  if id and timers[id] then
+    forget_timer(id)
+    command(OP_TIMER_CANCEL, id)
+  end
+end
+
+local function start_timer(owner, conn, seconds, fn, every, level)
+  if type(seconds) ~= "number" or seconds ~= seconds or seconds < MIN_INTERVAL or seconds > MAX_INTERVAL then
+    error("timer interval must be a number of seconds from 0.001 to 1e9 (got " .. tostring(seconds) .. ")", level)
+  end
+  if type(fn) ~= "function" then error("timer callback must be a function", level) end
+  local fields
+  if conn then
+    fields = conn_fields(conn)
+    if (fields._ntimers or 0) >= MAX_CONN_TIMERS then
+      error("a connection may have at most " .. MAX_CONN_TIMERS .. " timers", level)
+    end
+  elseif owner.count >= MAX_PLUGIN_TIMERS then
+    error(owner.name .. " has " .. MAX_PLUGIN_TIMERS .. " timers already (the most a plugin may have per event loop)", level)
+  end
+  next_timer = next_timer + 1
+  local id = next_timer
+  -- Swift first: it refuses a timer on a closed connection (an error at the caller's line),
+  -- and nothing is recorded here unless it accepted.
+  command(OP_TIMER_START, conn and conn_id(conn) or 0, id, seconds, every, owner.set.generation)
+  timers[id] = { fn = fn, conn = conn, every = every, owner = owner }
+  if conn then
+    local owned = fields._timers
+    if owned == nil then owned = {}; fields._timers = owned; fields._ntimers = 0 end
+    owned[id] = true
+    fields._ntimers = fields._ntimers + 1
+  else
+    owner.count = owner.count + 1
+  end
+  local timer = setmetatable({}, Timer)
+  timer_ids[timer] = id
+  return timer
+end
+
+------------------------------------------------------------------------ the luaws module
+-- What every plugin's `luaws` shares; each plugin gets its own read-only view (make_luaws)
+-- whose timers and log lines are its own.
+local base = {
   version = "0.1.0",
   utcnow_iso = core.utcnow_iso,
   now = core.now,
 }
 
-function luaws.log(level, ...)
-  local l = log_levels[level]
-  if l == nil then error("luaws.log: level must be debug, info, warn or error", 2) end
-  core.log(l, tostrings(...))
-end
-
 --- The value of a `--var NAME=VALUE` given on the command line, or `default`.
 --- With a number default the value is converted to a number.
-function luaws.var(name, default)
+function base.var(name, default)
   local v = vars[name]
   if v == nil then return default end
   if type(default) == "number" then
@@ -61,60 +145,21 @@ function luaws.var(name, default)
   return v
 end
 
------------------------------------------------------------------------- timers
--- Every timer of this state, by id: { fn = f, conn = conn or nil, every = bool }.
-local timers = {}
-local next_timer = 0
-local Timer = { __index = {}, __metatable = "luaws.timer" }
-
--- Forgets timer `id`; a connection's timers are also listed in its `_timers` set.
-local function forget_timer(id)
-  local t = timers[id]
-  if t == nil then return end
-  timers[id] = nil
-  if t.conn then rawget(t.conn, "_timers")[id] = nil end
-end
-
-function Timer.__index:cancel()
-  if timers[self.id] then
-    forget_timer(self.id)
-    command(OP_TIMER_CANCEL, self.id)
-  end
-end
-
-local function start_timer(conn, seconds, fn, every, level)
-  if type(seconds) ~= "number" or seconds ~= seconds or seconds < 0.001 or seconds == math.huge then
-    error("timer interval must be a number of seconds >= 0.001", level)
-  end
-  if type(fn) ~= "function" then error("timer callback must be a function", level) end
-  next_timer = next_timer + 1
-  local id = next_timer
-  timers[id] = { fn = fn, conn = conn, every = every }
-  if conn then
-    local owned = rawget(conn, "_timers")
-    if owned == nil then owned = {}; rawset(conn, "_timers", owned) end
-    owned[id] = true
-  end
-  command(OP_TIMER_START, conn and rawget(conn, "id") or 0, id, seconds, every)
-  return setmetatable({ id = id }, Timer)
-end
-
---- Calls fn() once after `seconds`. Returns a timer with :cancel().
-function luaws.after(seconds, fn) return start_timer(nil, seconds, fn, false, 3) end
---- Calls fn() every `seconds` until cancelled.
-function luaws.every(seconds, fn) return start_timer(nil, seconds, fn, true, 3) end
-
 ------------------------------------------------------------------------ channels, broadcast
 --- Sends `text` to every connection subscribed to `channel`, on every event loop.
-function luaws.publish(channel, text)
+function base.publish(channel, text)
   if type(channel) ~= "string" then error("publish: channel must be a string", 2) end
-  command(OP_PUBLISH, channel, tostring(text))
+  text = tostring(text)
+  if not utf8_valid(text) then error("publish: text is not valid UTF-8", 2) end
+  command(OP_PUBLISH, channel, text)
 end
 
 --- Sends `text` to every connection whose path is `path`, on every event loop.
-function luaws.broadcast(path, text)
+function base.broadcast(path, text)
   if type(path) ~= "string" then error("broadcast: path must be a string", 2) end
-  command(OP_BROADCAST, path, tostring(text))
+  text = tostring(text)
+  if not utf8_valid(text) then error("broadcast: text is not valid UTF-8", 2) end
+  command(OP_BROADCAST, path, text)
 end
 
 ------------------------------------------------------------------------ shared store
@@ -140,39 +185,56 @@ function shared:incr(key, by)
   if type(by) ~= "number" then error("shared:incr: increment must be a number", 2) end
   return command(OP_SHARED_INCR, key, by)
 end
-luaws.shared = setmetatable({}, { __index = shared, __newindex = function() error("luaws.shared: use :set(key, value)", 2) end, __metatable = false })
+base.shared = readonly(shared, "luaws.shared")
 
 ------------------------------------------------------------------------ json
-luaws.json = {
+base.json = readonly({
   encode = core.json_encode,
   decode = core.json_decode,
   --- JSON null, as decoded (and as encoded: nil in an array would end it).
   null = core.null,
-}
+}, "luaws.json")
 
------------------------------------------------------------------------- connections
-local Conn = {}
-local conn_methods = {}
-
--- conn:send(text) and conn:send_binary(bytes) are C functions (the hot path).
-conn_methods.send = core.conn_send
-conn_methods.send_binary = core.conn_send_binary
-
-function conn_methods:close(code, reason)
-  return core.close(rawget(self, "id"), code, reason)
+-- The `luaws` a plugin (or a module of lib/) sees: the shared functions, plus timers and
+-- logging that belong to `owner`.
+local function make_luaws(owner)
+  local view = {}
+  for k, v in pairs(base) do view[k] = v end
+  --- Calls fn() once after `seconds`. Returns a timer with :cancel().
+  function view.after(seconds, fn) return start_timer(owner, nil, seconds, fn, false, 3) end
+  --- Calls fn() every `seconds` until cancelled.
+  function view.every(seconds, fn) return start_timer(owner, nil, seconds, fn, true, 3) end
+  function view.log(level, ...)
+    local l = log_levels[level]
+    if l == nil then error("luaws.log: level must be debug, info, warn or error", 2) end
+    core.log(l, "[" .. owner.name .. "] " .. tostrings(...))
+  end
+  return readonly(view, "luaws")
 end
 
-function conn_methods:after(seconds, fn) return start_timer(self, seconds, fn, false, 3) end
-function conn_methods:every(seconds, fn) return start_timer(self, seconds, fn, true, 3) end
+------------------------------------------------------------------------ connections
+local conn_methods = {}
+local READ_ONLY_FIELDS = { id = true, path = true, protocol = true, query = true, headers = true }
+
+-- conn:send(text), conn:send_binary(bytes) and conn:close(code, reason) are C functions.
+conn_methods.send = core.conn_send
+conn_methods.send_binary = core.conn_send_binary
+conn_methods.close = core.conn_close
+
+-- A connection's timers belong to the plugin that made them only for logging; they live as
+-- long as the connection, across reloads.
+local conn_owner = { name = "conn", count = 0, set = { generation = 0 } }
+function conn_methods:after(seconds, fn) return start_timer(conn_owner, self, seconds, fn, false, 3) end
+function conn_methods:every(seconds, fn) return start_timer(conn_owner, self, seconds, fn, true, 3) end
 
 function conn_methods:subscribe(channel)
   if type(channel) ~= "string" then error("subscribe: channel must be a string", 2) end
-  command(OP_SUBSCRIBE, rawget(self, "id"), channel)
+  return command(OP_SUBSCRIBE, conn_id(self), channel)
 end
 
 function conn_methods:unsubscribe(channel)
   if type(channel) ~= "string" then error("unsubscribe: channel must be a string", 2) end
-  command(OP_UNSUBSCRIBE, rawget(self, "id"), channel)
+  return command(OP_UNSUBSCRIBE, conn_id(self), channel)
 end
 
 local function parse_query(qs)
@@ -204,23 +266,31 @@ end
 
 -- `headers`, `query` and `data` are made on first use: most connections never ask for them.
 local lazy_fields = {
-  headers = function(self) return parse_headers(rawget(self, "_raw_headers")) end,
-  query = function(self) return parse_query(rawget(self, "_raw_query")) end,
+  id = function(self) return conn_id(self) end,
+  headers = function(_, fields) return parse_headers(fields._raw_headers) end,
+  query = function(_, fields) return parse_query(fields._raw_query) end,
   data = function() return {} end,
 }
--- __index looks in conn_methods first (in C: the hot path), then makes a lazy field.
-Conn.__index = core.conn_index(conn_methods, function(self, key)
-  local make = lazy_fields[key]
-  if make == nil then return nil end
-  local value = make(self)
-  rawset(self, key, value)
-  return value
-end)
-Conn.__tostring = function(self) return "luaws.conn(" .. rawget(self, "id") .. ")" end
-Conn.__metatable = "luaws.conn"
+core.conn_class(conn_methods,
+  -- __index after the methods and the conn's own fields (both looked up in C, the hot path)
+  function(self, key, fields)
+    local make = lazy_fields[key]
+    if make == nil then return nil end
+    local value = make(self, fields)
+    if key ~= "id" then rawset(fields, key, value) end
+    return value
+  end,
+  -- __newindex: a script may keep its own fields on a conn, but not change what it is.
+  function(self, key, value)
+    if READ_ONLY_FIELDS[key] or conn_methods[key] ~= nil or (type(key) == "string" and key:sub(1, 1) == "_") then
+      error("conn." .. tostring(key) .. " is read-only", 2)
+    end
+    rawset(conn_fields(self), key, value)
+  end,
+  function(self) return "luaws.conn(" .. conn_id(self) .. ")" end)
 
 local function new_conn(id, path, query, headers, protocol)
-  return setmetatable({ id = id, path = path, protocol = protocol, _raw_query = query, _raw_headers = headers }, Conn)
+  return core.new_conn(id, { path = path, protocol = protocol, _raw_query = query, _raw_headers = headers })
 end
 
 ------------------------------------------------------------------------ sandbox
@@ -230,19 +300,34 @@ local function copy(t)
   return c
 end
 
-local function sandbox_base(plugin_name, require_fn)
+-- setmetatable without finalizers: a `__gc` runs with hooks off (no instruction budget), at
+-- whatever moment the collector picks, even while a state closes. Lua 5.4 marks an object
+-- for finalization only when its metatable is set, so refusing `__gc` here is enough.
+local function safe_setmetatable(t, mt)
+  if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
+    error("setmetatable: __gc finalizers are not available to plugins", 2)
+  end
+  return setmetatable(t, mt)
+end
+
+local function safe_rawset(t, k, v)
+  if frozen[t] then error("rawset: this table is read-only", 2) end
+  return rawset(t, k, v)
+end
+
+local function sandbox_base(owner, require_fn)
   local env = {
     assert = assert, error = error, ipairs = ipairs, next = next, pairs = pairs,
     pcall = pcall, xpcall = xpcall, rawequal = rawequal, rawget = rawget, rawlen = rawlen,
-    rawset = rawset, select = select, setmetatable = setmetatable, getmetatable = getmetatable,
+    rawset = safe_rawset, select = select, setmetatable = safe_setmetatable, getmetatable = getmetatable,
     tonumber = tonumber, tostring = tostring, type = type, _VERSION = _VERSION,
     string = copy(string), table = copy(table), math = copy(math), utf8 = copy(utf8),
     coroutine = copy(coroutine),
     os = { time = os.time, clock = os.clock, date = os.date, difftime = os.difftime },
-    luaws = luaws,
+    luaws = make_luaws(owner),
     require = require_fn,
   }
-  env.print = function(...) core.log(LOG_INFO, "[" .. plugin_name .. "] " .. tostrings(...)) end
+  env.print = function(...) core.log(LOG_INFO, "[" .. owner.name .. "] " .. tostrings(...)) end
   env.collectgarbage = function(opt, ...)
     opt = opt or "collect"
     if opt == "count" or opt == "collect" or opt == "step" then return collectgarbage(opt, ...) end
@@ -257,7 +342,7 @@ local function sandbox_base(plugin_name, require_fn)
 end
 
 -- require("name") loads <lib dir>/name.lua (dots become slashes), once per plugin set.
-local function make_require(lib_dir, cache)
+local function make_require(set, lib_dir, cache)
   local function require_fn(name)
     if type(name) ~= "string" or not name:match("^[%w_]+[%w_%.]*$") or find(name, "..", 1, true) then
       error("require: bad module name " .. tostring(name), 2)
@@ -269,7 +354,8 @@ local function make_require(lib_dir, cache)
     if f == nil then error("require: module '" .. name .. "' not found (looked for " .. path .. ")", 2) end
     local src = f:read("a")
     f:close()
-    local fn, err = load(src, "@" .. path, "t", sandbox_base(name, require_fn))
+    local owner = { name = name, set = set, count = 0 }
+    local fn, err = load(src, "@" .. path, "t", sandbox_base(owner, require_fn))
     if fn == nil then error(err, 0) end
     local result = fn(name)
     if result == nil then result = true end
@@ -281,10 +367,20 @@ end
 
 ------------------------------------------------------------------------ plugins
 local HOOKS = { on_open = true, on_message = true, on_close = true, on_idle = true, on_reload = true }
+local FIELDS = "hooks are on_open, on_message, on_close, on_idle, on_reload; settings are idle, protocols, name"
+
+-- Where a plugin field was defined, for load errors: a function knows its line.
+local function field_where(chunkname, v)
+  if type(v) == "function" then
+    local info = getinfo(v, "S")
+    if info and info.linedefined and info.linedefined > 0 then return chunkname .. ":" .. info.linedefined .. ": " end
+  end
+  return chunkname .. ": "
+end
 
 -- Compiles and runs one plugin's source; checks the table it returns.
-local function load_plugin(set, name, chunkname, src)
-  local env = sandbox_base(name, set.require)
+local function load_plugin(set, owner, chunkname, src)
+  local env = sandbox_base(owner, set.require)
   local fn, err = load(src, "@" .. chunkname, "t", env)
   if fn == nil then error(err, 0) end
   local plugin = fn()
@@ -296,8 +392,8 @@ local function load_plugin(set, name, chunkname, src)
     if HOOKS[k] then
       if type(v) ~= "function" then error(where .. k .. " must be a function (got " .. type(v) .. ")", 0) end
     elseif k == "idle" then
-      if type(v) ~= "number" or v ~= v or v < 0.001 or v == math.huge then
-        error(where .. "idle must be a positive number of seconds, at least 0.001 (got " .. tostring(v) .. ")", 0)
+      if type(v) ~= "number" or v ~= v or v < MIN_INTERVAL or v > MAX_INTERVAL then
+        error(where .. "idle must be a number of seconds from 0.001 to 1e9 (got " .. tostring(v) .. ")", 0)
       end
     elseif k == "protocols" then
       if type(v) ~= "table" then error(where .. "protocols must be a list of strings", 0) end
@@ -306,28 +402,34 @@ local function load_plugin(set, name, chunkname, src)
           error(where .. "protocols must be a list of sub-protocol names (tokens), got " .. tostring(p), 0)
         end
       end
-    elseif k ~= "name" then
-      error(where .. "unknown field '" .. tostring(k) .. "' (hooks are on_open, on_message, on_close, on_idle, on_reload; settings are idle, protocols, name)", 0)
+    elseif k == "name" then
+      if type(v) ~= "string" or not v:match("^[%w_%-%.]+$") then
+        error(where .. "name must be a string of letters, digits, _ - . (got " .. tostring(v) .. ")", 0)
+      end
+    else
+      error(field_where(chunkname, v) .. "unknown field '" .. tostring(k) .. "' (" .. FIELDS .. ")", 0)
     end
   end
-  if plugin.on_idle and not plugin.idle then error(where .. "on_idle needs idle = <seconds>", 0) end
+  if plugin.on_idle and not plugin.idle then error(field_where(chunkname, plugin.on_idle) .. "on_idle needs idle = <seconds>", 0) end
   if plugin.idle and not plugin.on_idle then error(where .. "idle is set but there is no on_idle hook", 0) end
+  if plugin.name then owner.name = plugin.name end
   return plugin
 end
 
 local api = {}
 
--- A plugin set: every plugin of one load, in order. All-or-nothing.
-function api.new_set(lib_dir)
-  local set = { plugins = {} }
-  set.require = make_require(lib_dir, {})
+-- A plugin set: every plugin of one load, in order. All-or-nothing: it serves only once
+-- Swift activates it, and its plugin timers end when it is retired.
+function api.new_set(lib_dir, generation)
+  local set = { plugins = {}, generation = generation }
+  set.require = make_require(set, lib_dir, {})
   return set
 end
 
 function api.add_plugin(set, name, chunkname, src)
-  set.plugins[#set.plugins + 1] = load_plugin(set, name, chunkname, src)
+  local owner = { name = name, set = set, count = 0 }
+  set.plugins[#set.plugins + 1] = load_plugin(set, owner, chunkname, src)
 end
-
 
 function api.plugin_field(set, index, field)
   return set.plugins[index][field]
@@ -346,6 +448,17 @@ function api.protocols(set)
   return table.concat(all, ",")
 end
 
+-- The set no longer serves (replaced, or never activated): forget its plugin timers (Swift
+-- has cancelled them). Connection timers stay: they belong to their connections.
+function api.retire_set(set)
+  for id, t in pairs(timers) do
+    if not t.conn and t.owner.set == set then timers[id] = nil end
+  end
+end
+
+-- Forgets one timer that Swift will never fire (a top-level timer of a loop that does not run them).
+api.forget_timer = forget_timer
+
 api.new_conn = new_conn
 
 -- A timer fired (Swift scheduled it). A one-shot timer is forgotten before its callback runs.
@@ -356,12 +469,14 @@ function api.fire_timer(id)
   if t.conn then t.fn(t.conn) else t.fn() end
 end
 
--- The connection is gone: forget its timers (Swift has cancelled them).
+-- The connection is gone (after on_close): forget its timers (Swift has cancelled them).
 function api.drop_conn(conn)
-  local owned = rawget(conn, "_timers")
+  local fields = conn_fields(conn)
+  local owned = fields._timers
   if owned == nil then return end
   for id in pairs(owned) do timers[id] = nil end
-  rawset(conn, "_timers", nil)
+  fields._timers = nil
+  fields._ntimers = 0
 end
 
 return api

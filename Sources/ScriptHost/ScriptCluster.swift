@@ -35,7 +35,9 @@ public final class ScriptCluster: Sendable {
     public let limits: ScriptLimits
     private let logger: Logger
     private let members = NIOLockedValueBox<[Member]>([])
-    private let store = NIOLockedValueBox<[String: SharedValue]>([:])
+    private let store = NIOLockedValueBox(SharedStore())
+    /// Bytes of published and broadcast messages not yet handed to every loop.
+    private let pendingDelivery = NIOLockedValueBox(0)
     private let state: NIOLockedValueBox<(set: PluginSet, status: ReloadStatus)>
 
     public init(plugins: PluginSet, vars: [String: String] = [:], limits: ScriptLimits = .init(), logger: Logger) {
@@ -51,7 +53,9 @@ public final class ScriptCluster: Sendable {
     /// Makes the plugin host of `eventLoop`, on that loop, with the current plugin set.
     public func makeHost(on eventLoop: EventLoop) throws -> PluginHost {
         let set = state.withLockedValue { $0.set }
-        let host = try PluginHost(plugins: set, vars: vars, limits: limits, logger: logger, cluster: self, eventLoop: eventLoop)
+        // The first loop's host is the primary: it alone runs top-level plugin timers.
+        let isPrimary = members.withLockedValue { $0.isEmpty }
+        let host = try PluginHost(plugins: set, vars: vars, limits: limits, logger: logger, cluster: self, eventLoop: eventLoop, isPrimary: isPrimary)
         members.withLockedValue { $0.append(Member(eventLoop: eventLoop, host: NIOLoopBound(host, eventLoop: eventLoop))) }
         return host
     }
@@ -60,28 +64,33 @@ public final class ScriptCluster: Sendable {
 
     // MARK: reload
 
-    /// Loads `set` everywhere, or nowhere: it is first compiled and run in a scratch Lua state,
-    /// and only if every plugin loads there is it handed to each event loop's state. On failure
-    /// the previous plugins keep serving and the error is in `status.lastError`.
+    /// Loads `set` everywhere, or nowhere: every loop first prepares it in its own state (beside
+    /// the plugins that serve), and only when every loop has it are they all switched to it;
+    /// if any loop fails, every loop discards it and the previous plugins keep serving.
     @discardableResult
     public func reload(_ set: PluginSet) async -> Result<ReloadStatus, PluginLoadError> {
-        let outcome: Result<Void, PluginLoadError>
-        do {
-            _ = try PluginHost(plugins: set, vars: vars, limits: limits, logger: logger)
-            var failure: PluginLoadError?
-            for member in members.withLockedValue({ $0 }) {
-                do {
-                    try await member.eventLoop.submit { try member.host.value.load(set, reloading: true) }.get()
-                } catch let error as PluginLoadError {
-                    failure = error
-                }
+        let all = members.withLockedValue { $0 }
+        var prepared: [(member: Member, generation: Int)] = []
+        var failure: PluginLoadError?
+        for member in all {
+            do {
+                let generation = try await member.eventLoop.submit { try member.host.value.prepare(set) }.get()
+                prepared.append((member, generation))
+            } catch let error as PluginLoadError {
+                failure = error
+                break
+            } catch {
+                failure = PluginLoadError(file: "", message: "\(error)")
+                break
             }
-            outcome = failure.map { .failure($0) } ?? .success(())
-        } catch let error as PluginLoadError {
-            outcome = .failure(error)
-        } catch {
-            outcome = .failure(PluginLoadError(file: "", message: "\(error)"))
         }
+        for (member, generation) in prepared {
+            let wanted = failure == nil
+            _ = try? await member.eventLoop.submit {
+                if wanted { member.host.value.activate(generation) } else { member.host.value.discard(generation) }
+            }.get()
+        }
+        let outcome: Result<Void, PluginLoadError> = failure.map { .failure($0) } ?? .success(())
         return state.withLockedValue { state in
             state.status.lastReloadAt = Date()
             switch outcome {
@@ -116,33 +125,64 @@ public final class ScriptCluster: Sendable {
 
     // MARK: across loops
 
-    func publish(channel: String, text: String) {
-        for member in members.withLockedValue({ $0 }) {
-            member.eventLoop.execute { member.host.value.deliver(channel: channel, text: text) }
-        }
+    /// Sends `text` to `channel`'s subscribers on every loop; an error message if too much is
+    /// already waiting to be delivered (a hook that publishes in a loop must not make the
+    /// process hold gigabytes: each loop gets its copy only after the hook returns).
+    func publish(channel: String, text: String) -> String? {
+        fanOut(text) { host, message in host.deliver(channel: channel, message: message) }
     }
 
-    func broadcast(path: String, text: String) {
-        for member in members.withLockedValue({ $0 }) {
-            member.eventLoop.execute { member.host.value.deliver(path: path, text: text) }
+    /// Sends `text` to the connections on `path` on every loop; errors as `publish`.
+    func broadcast(path: String, text: String) -> String? {
+        fanOut(text) { host, message in host.deliver(path: path, message: message) }
+    }
+
+    private func fanOut(_ text: String, _ deliver: @escaping @Sendable (PluginHost, ByteBuffer) -> Void) -> String? {
+        let all = members.withLockedValue { $0 }
+        guard !all.isEmpty else { return nil }
+        let size = text.utf8.count
+        let limit = limits.maxPendingDelivery
+        let accepted = pendingDelivery.withLockedValue { pending in
+            guard pending + size <= limit || pending == 0 else { return false }
+            pending += size
+            return true
         }
+        guard accepted else {
+            return "publish: more than \(limit >> 20) MiB of messages are waiting for delivery; try again later"
+        }
+        // One buffer, shared by every loop (ByteBuffer is copy-on-write), counted once.
+        let message = ByteBuffer(string: text)
+        let remaining = NIOLockedValueBox(all.count)
+        let pending = pendingDelivery
+        for member in all {
+            member.eventLoop.execute {
+                deliver(member.host.value, message)
+                let last = remaining.withLockedValue { count in
+                    count -= 1
+                    return count == 0
+                }
+                if last { pending.withLockedValue { $0 -= size } }
+            }
+        }
+        return nil
     }
 
     // MARK: shared store
 
     func sharedGet(_ key: String) -> SharedValue? {
-        store.withLockedValue { $0[key] }
+        store.withLockedValue { $0.values[key] }
     }
 
-    func sharedSet(_ key: String, _ value: SharedValue?) {
-        store.withLockedValue { $0[key] = value }
+    /// Stores (or with nil deletes) a value; an error message when it does not fit.
+    func sharedSet(_ key: String, _ value: SharedValue?) -> String? {
+        store.withLockedValue { $0.set(key, value, limits: limits) }
     }
 
-    /// Adds atomically; nil if the key holds something that is not a number.
-    func sharedIncrement(_ key: String, by delta: SharedValue) -> SharedValue? {
+    /// Adds atomically; `.success(nil)` if the key holds something that is not a number.
+    func sharedIncrement(_ key: String, by delta: SharedValue) -> Result<SharedValue?, SharedStore.Full> {
         store.withLockedValue { store in
             let result: SharedValue?
-            switch (store[key] ?? .integer(0), delta) {
+            switch (store.values[key] ?? .integer(0), delta) {
             case (.integer(let a), .integer(let b)):
                 let (sum, overflow) = a.addingReportingOverflow(b)
                 result = overflow ? .number(Double(a) + Double(b)) : .integer(sum)
@@ -151,8 +191,9 @@ public final class ScriptCluster: Sendable {
             case (.number(let a), .number(let b)): result = .number(a + b)
             default: result = nil
             }
-            if let result { store[key] = result }
-            return result
+            guard let result else { return .success(nil) }
+            if let message = store.set(key, result, limits: limits) { return .failure(SharedStore.Full(message: message)) }
+            return .success(result)
         }
     }
 }

@@ -54,7 +54,8 @@ final class EngineConnection: ScriptConnection {
     }
 
     func setIdleTimers(_ seconds: [Double]) {
-        connection.setIdleTimers(seconds.map { .nanoseconds(Int64(($0 * 1e9).rounded())) })
+        // The prelude allows 0.001 to 1e9 seconds; clamped again, since a trap here would end the process.
+        connection.setIdleTimers(seconds.map { .nanoseconds(Int64((min(max($0, 0.001), 1e9) * 1e9).rounded())) })
     }
 }
 

@@ -30,7 +30,8 @@ func parseVars(_ items: [String]) -> [String: String] {
 }
 
 extension TimeAmount {
-    static func seconds(_ value: Double) -> TimeAmount { .nanoseconds(Int64((value * 1e9).rounded())) }
+    /// Seconds from a validated option (see `Serve.validate`: finite, positive, at most 1e9).
+    static func seconds(_ value: Double) -> TimeAmount { .nanoseconds(Int64((min(max(value, 0), 1e9) * 1e9).rounded())) }
 }
 
 struct Serve: AsyncParsableCommand {
@@ -62,6 +63,12 @@ struct Serve: AsyncParsableCommand {
 
     @Option(help: "Memory cap of each Lua state, in MiB (0 = no limit).")
     var luaMemoryMb = ScriptLimits().memoryLimit >> 20
+
+    @Option(help: "Memory cap of the shared store (luaws.shared), in MiB (0 = no limit).")
+    var sharedMemoryMb = ScriptLimits().sharedMemoryLimit >> 20
+
+    @Option(help: "Seconds a shutdown (SIGTERM, SIGINT) may take before the process exits anyway.")
+    var shutdownTimeout = 10.0
 
     @Option(help: "Largest message accepted, in bytes (larger: closed with 1009).")
     var maxMessageSize = ServerConfiguration().maxMessageSize
@@ -103,8 +110,17 @@ struct Serve: AsyncParsableCommand {
         for item in vars where !item.contains("=") {
             throw ValidationError("--var takes NAME=VALUE, got '\(item)'")
         }
-        for value in [handshakeTimeout, pingInterval, pongTimeout] where !(value > 0) {
-            throw ValidationError("timeouts and intervals must be positive numbers of seconds")
+        for value in [handshakeTimeout, pingInterval, pongTimeout, shutdownTimeout] where !(value > 0 && value <= 1e9) {
+            throw ValidationError("timeouts and intervals must be positive numbers of seconds, at most 1e9")
+        }
+        if !(idleTimeout >= 0 && idleTimeout <= 1e9) {
+            throw ValidationError("--idle-timeout must be between 0 and 1e9 seconds")
+        }
+        for value in [luaMemoryMb, sharedMemoryMb] where value < 0 || value > 1 << 30 {
+            throw ValidationError("memory caps must be between 0 and \(1 << 30) MiB")
+        }
+        if instructionBudget < 0 {
+            throw ValidationError("--instruction-budget must be 0 (no limit) or more")
         }
         for path in webSocketPaths where !path.hasPrefix("/") {
             throw ValidationError("--ws-path must start with /, got '\(path)'")
@@ -128,7 +144,7 @@ struct Serve: AsyncParsableCommand {
             throw ExitCode(1)
         }
         let pluginVars = parseVars(vars)
-        let limits = ScriptLimits(instructionBudget: instructionBudget, memoryLimit: luaMemoryMb << 20)
+        let limits = ScriptLimits(instructionBudget: instructionBudget, memoryLimit: luaMemoryMb << 20, sharedMemoryLimit: sharedMemoryMb << 20)
 
         var configuration = ServerConfiguration()
         configuration.host = host
@@ -154,8 +170,9 @@ struct Serve: AsyncParsableCommand {
         }
 
         let cluster = ScriptCluster(plugins: plugins, vars: pluginVars, limits: limits, logger: logger)
+        let scriptsFolder = scripts
         configuration.routes["/luaws/status"] = { eventLoop in
-            eventLoop.makeFutureWithTask { await StatusPage.json(cluster) }
+            eventLoop.makeFutureWithTask { await StatusPage.json(cluster, scripts: scriptsFolder) }
         }
 
         let server: WebSocketServer
@@ -188,6 +205,13 @@ struct Serve: AsyncParsableCommand {
             break
         }
         reloading.cancel()
-        await server.shutdown(code: 1001)
+        // A loop stuck inside C (a script cannot be pre-empted there) would hold the shutdown
+        // forever: past --shutdown-timeout the process exits anyway.
+        let timeout = shutdownTimeout
+        DispatchQueue.global().asyncAfter(deadline: .now() + timeout) {
+            FileHandle.standardError.write(Data("luaws: shutdown took longer than \(timeout) s (--shutdown-timeout): exiting now\n".utf8))
+            Foundation.exit(1)
+        }
+        await server.shutdown(code: 1001, grace: .seconds(min(2, timeout)))
     }
 }

@@ -197,7 +197,9 @@ final class PluginHostTests: XCTestCase {
         for (source, expected) in [
             ("return 42", "must return a table"),
             ("return { on_message = 'nope' }", "on_message must be a function"),
-            ("return { idle = -1, on_idle = function() end }", "idle must be a positive number"),
+            ("return { idle = -1, on_idle = function() end }", "idle must be a number of seconds from 0.001 to 1e9"),
+            ("return { idle = 1e10, on_idle = function() end }", "idle must be a number of seconds from 0.001 to 1e9"),
+            ("return {\n  on_mesage = function() end }", "scripts/p.lua:2: unknown field 'on_mesage'"),
             ("return { on_idle = function() end }", "on_idle needs idle"),
             ("return { on_mesage = function() end }", "unknown field 'on_mesage'"),
         ] {
