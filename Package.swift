@@ -60,7 +60,14 @@ let package = Package(
         ),
         .testTarget(
             name: "ScriptHostTests",
-            dependencies: ["ScriptHost", .product(name: "NIOCore", package: "swift-nio")]
+            dependencies: [
+                "ScriptHost",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         .testTarget(
             name: "WSEngineTests",

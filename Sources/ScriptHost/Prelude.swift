@@ -44,6 +44,19 @@ local function tostrings(...)
   return concat(parts, " ")
 end
 
+-- Raises `msg` at the script's line: the innermost running function that is not the
+-- prelude's. (error(msg, level) would miscount across tail calls and prelude helpers.)
+local function fail(msg)
+  for level = 2, 50 do
+    local info = getinfo(level, "Sl")
+    if info == nil then break end
+    if info.currentline > 0 and info.source ~= "=luaws-prelude" then
+      error(info.short_src .. ":" .. info.currentline .. ": " .. msg, 0)
+    end
+  end
+  error(msg, 0)
+end
+
 ------------------------------------------------------------------------ read-only tables
 -- Tables every plugin shares (its `luaws`, `luaws.json`, `luaws.shared`) are proxies: writes
 -- fail, and the sandbox's rawset refuses them, so no plugin can change them for another.
@@ -51,7 +64,7 @@ local frozen = setmetatable({}, { __mode = "k" })
 local function readonly(t, what)
   local proxy = setmetatable({}, {
     __index = t,
-    __newindex = function(_, k) error(what .. " is read-only (cannot set '" .. tostring(k) .. "')", 2) end,
+    __newindex = function(_, k) fail(what .. " is read-only (cannot set '" .. tostring(k) .. "')") end,
     __pairs = function() return next, t, nil end,
     __len = function() return #t end,
     __metatable = false,
@@ -90,19 +103,19 @@ function Timer.__index:cancel()
   end
 end
 
-local function start_timer(owner, conn, seconds, fn, every, level)
+local function start_timer(owner, conn, seconds, fn, every)
   if type(seconds) ~= "number" or seconds ~= seconds or seconds < MIN_INTERVAL or seconds > MAX_INTERVAL then
-    error("timer interval must be a number of seconds from 0.001 to 1e9 (got " .. tostring(seconds) .. ")", level)
+    fail("timer interval must be a number of seconds from 0.001 to 1e9 (got " .. tostring(seconds) .. ")")
   end
-  if type(fn) ~= "function" then error("timer callback must be a function", level) end
+  if type(fn) ~= "function" then fail("timer callback must be a function") end
   local fields
   if conn then
     fields = conn_fields(conn)
     if (fields._ntimers or 0) >= MAX_CONN_TIMERS then
-      error("a connection may have at most " .. MAX_CONN_TIMERS .. " timers", level)
+      fail("a connection may have at most " .. MAX_CONN_TIMERS .. " timers")
     end
   elseif owner.count >= MAX_PLUGIN_TIMERS then
-    error(owner.name .. " has " .. MAX_PLUGIN_TIMERS .. " timers already (the most a plugin may have per event loop)", level)
+    fail(owner.name .. " has " .. MAX_PLUGIN_TIMERS .. " timers already (the most a plugin may have per event loop)")
   end
   next_timer = next_timer + 1
   local id = next_timer
@@ -139,7 +152,7 @@ function base.var(name, default)
   if v == nil then return default end
   if type(default) == "number" then
     local n = tonumber(v)
-    if n == nil then error("--var " .. name .. "=" .. v .. " is not a number", 2) end
+    if n == nil then fail("--var " .. name .. "=" .. v .. " is not a number") end
     return n
   end
   return v
@@ -148,17 +161,17 @@ end
 ------------------------------------------------------------------------ channels, broadcast
 --- Sends `text` to every connection subscribed to `channel`, on every event loop.
 function base.publish(channel, text)
-  if type(channel) ~= "string" then error("publish: channel must be a string", 2) end
+  if type(channel) ~= "string" then fail("publish: channel must be a string") end
   text = tostring(text)
-  if not utf8_valid(text) then error("publish: text is not valid UTF-8", 2) end
+  if not utf8_valid(text) then fail("publish: text is not valid UTF-8") end
   command(OP_PUBLISH, channel, text)
 end
 
 --- Sends `text` to every connection whose path is `path`, on every event loop.
 function base.broadcast(path, text)
-  if type(path) ~= "string" then error("broadcast: path must be a string", 2) end
+  if type(path) ~= "string" then fail("broadcast: path must be a string") end
   text = tostring(text)
-  if not utf8_valid(text) then error("broadcast: text is not valid UTF-8", 2) end
+  if not utf8_valid(text) then fail("broadcast: text is not valid UTF-8") end
   command(OP_BROADCAST, path, text)
 end
 
@@ -166,14 +179,14 @@ end
 -- One store for the whole process (every Lua state sees it); values are strings, numbers, booleans.
 local shared = {}
 local function check_key(key)
-  if type(key) ~= "string" then error("shared: key must be a string", 3) end
+  if type(key) ~= "string" then fail("shared: key must be a string") end
 end
 function shared:get(key) check_key(key) return command(OP_SHARED_GET, key) end
 function shared:set(key, value)
   check_key(key)
   local t = type(value)
   if t ~= "string" and t ~= "number" and t ~= "boolean" and t ~= "nil" then
-    error("shared:set: values are strings, numbers or booleans (nil deletes)", 2)
+    fail("shared:set: values are strings, numbers or booleans (nil deletes)")
   end
   command(OP_SHARED_SET, key, value)
 end
@@ -182,7 +195,7 @@ function shared:delete(key) check_key(key) command(OP_SHARED_SET, key, nil) end
 function shared:incr(key, by)
   check_key(key)
   by = by or 1
-  if type(by) ~= "number" then error("shared:incr: increment must be a number", 2) end
+  if type(by) ~= "number" then fail("shared:incr: increment must be a number") end
   return command(OP_SHARED_INCR, key, by)
 end
 base.shared = readonly(shared, "luaws.shared")
@@ -201,12 +214,12 @@ local function make_luaws(owner)
   local view = {}
   for k, v in pairs(base) do view[k] = v end
   --- Calls fn() once after `seconds`. Returns a timer with :cancel().
-  function view.after(seconds, fn) return start_timer(owner, nil, seconds, fn, false, 3) end
+  function view.after(seconds, fn) return start_timer(owner, nil, seconds, fn, false) end
   --- Calls fn() every `seconds` until cancelled.
-  function view.every(seconds, fn) return start_timer(owner, nil, seconds, fn, true, 3) end
+  function view.every(seconds, fn) return start_timer(owner, nil, seconds, fn, true) end
   function view.log(level, ...)
     local l = log_levels[level]
-    if l == nil then error("luaws.log: level must be debug, info, warn or error", 2) end
+    if l == nil then fail("luaws.log: level must be debug, info, warn or error") end
     core.log(l, "[" .. owner.name .. "] " .. tostrings(...))
   end
   return readonly(view, "luaws")
@@ -224,16 +237,16 @@ conn_methods.close = core.conn_close
 -- A connection's timers belong to the plugin that made them only for logging; they live as
 -- long as the connection, across reloads.
 local conn_owner = { name = "conn", count = 0, set = { generation = 0 } }
-function conn_methods:after(seconds, fn) return start_timer(conn_owner, self, seconds, fn, false, 3) end
-function conn_methods:every(seconds, fn) return start_timer(conn_owner, self, seconds, fn, true, 3) end
+function conn_methods:after(seconds, fn) return start_timer(conn_owner, self, seconds, fn, false) end
+function conn_methods:every(seconds, fn) return start_timer(conn_owner, self, seconds, fn, true) end
 
 function conn_methods:subscribe(channel)
-  if type(channel) ~= "string" then error("subscribe: channel must be a string", 2) end
+  if type(channel) ~= "string" then fail("subscribe: channel must be a string") end
   return command(OP_SUBSCRIBE, conn_id(self), channel)
 end
 
 function conn_methods:unsubscribe(channel)
-  if type(channel) ~= "string" then error("unsubscribe: channel must be a string", 2) end
+  if type(channel) ~= "string" then fail("unsubscribe: channel must be a string") end
   return command(OP_UNSUBSCRIBE, conn_id(self), channel)
 end
 
@@ -283,7 +296,7 @@ core.conn_class(conn_methods,
   -- __newindex: a script may keep its own fields on a conn, but not change what it is.
   function(self, key, value)
     if READ_ONLY_FIELDS[key] or conn_methods[key] ~= nil or (type(key) == "string" and key:sub(1, 1) == "_") then
-      error("conn." .. tostring(key) .. " is read-only", 2)
+      fail("conn." .. tostring(key) .. " is read-only")
     end
     rawset(conn_fields(self), key, value)
   end,
@@ -305,13 +318,14 @@ end
 -- for finalization only when its metatable is set, so refusing `__gc` here is enough.
 local function safe_setmetatable(t, mt)
   if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
-    error("setmetatable: __gc finalizers are not available to plugins", 2)
+    fail("setmetatable: __gc finalizers are not available to plugins")
   end
   return setmetatable(t, mt)
 end
 
 local function safe_rawset(t, k, v)
-  if frozen[t] then error("rawset: this table is read-only", 2) end
+  if type(t) ~= "table" then fail("bad argument #1 to 'rawset' (table expected, got " .. type(t) .. ")") end
+  if frozen[t] then fail("rawset: this table is read-only") end
   return rawset(t, k, v)
 end
 
@@ -331,7 +345,7 @@ local function sandbox_base(owner, require_fn)
   env.collectgarbage = function(opt, ...)
     opt = opt or "collect"
     if opt == "count" or opt == "collect" or opt == "step" then return collectgarbage(opt, ...) end
-    error("collectgarbage('" .. tostring(opt) .. "') is not available to plugins", 2)
+    fail("collectgarbage('" .. tostring(opt) .. "') is not available to plugins")
   end
   -- Text chunks only (bytecode can crash the VM), in the plugin's sandbox unless told otherwise.
   env.load = function(chunk, name, mode, chunk_env)
@@ -345,13 +359,13 @@ end
 local function make_require(set, lib_dir, cache)
   local function require_fn(name)
     if type(name) ~= "string" or not name:match("^[%w_]+[%w_%.]*$") or find(name, "..", 1, true) then
-      error("require: bad module name " .. tostring(name), 2)
+      fail("require: bad module name " .. tostring(name))
     end
     local cached = cache[name]
     if cached ~= nil then return cached end
     local path = lib_dir .. "/" .. gsub(name, "%.", "/") .. ".lua"
     local f = io_open(path, "r")
-    if f == nil then error("require: module '" .. name .. "' not found (looked for " .. path .. ")", 2) end
+    if f == nil then fail("require: module '" .. name .. "' not found (looked for " .. path .. ")") end
     local src = f:read("a")
     f:close()
     local owner = { name = name, set = set, count = 0 }

@@ -62,6 +62,11 @@ public final class ScriptCluster: Sendable {
 
     public var status: ReloadStatus { state.withLockedValue { $0.status } }
 
+    /// Each loop's host, in the order they were made (the first is the primary).
+    var hosts: [(EventLoop, NIOLoopBound<PluginHost>)] {
+        members.withLockedValue { $0.map { ($0.eventLoop, $0.host) } }
+    }
+
     // MARK: reload
 
     /// Loads `set` everywhere, or nowhere: every loop first prepares it in its own state (beside

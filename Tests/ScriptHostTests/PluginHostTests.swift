@@ -83,10 +83,13 @@ final class PluginHostTests: XCTestCase {
     }
 
     func testOnCloseSeesCodeAndReason() throws {
-        let host = try host(["p": "return { on_close = function(conn, code, reason) luaws.log('info', code, reason) last = code end }"])
+        let log = CapturedLog()
+        let plugins = PluginSet(plugins: [PluginSource(name: "p", path: "scripts/p.lua", source: "return { on_close = function(conn, code, reason) luaws.log('info', math.type(code), code, reason) end }")], libraryDirectory: "/nonexistent")
+        let host = try PluginHost(plugins: plugins, logger: log.logger)
         let conn = RecordingConnection()
         host.open(conn, id: 1, request: request)
         host.closed(id: 1, code: 1001, reason: "bye")
+        XCTAssertEqual(log.lines, ["info: [p] integer 1001 bye"])
         XCTAssertEqual(host.connectionCount, 0)
         XCTAssertEqual(host.errorCount, 0)
         host.message(id: 1, data: text("late"), binary: false)  // ignored: the connection is gone
@@ -135,7 +138,7 @@ final class PluginHostTests: XCTestCase {
         host.open(conn, id: 1, request: request)
         host.message(id: 1, data: text("x"), binary: false)
         let report = try XCTUnwrap(conn.texts.first)
-        for name in ["io", "debug", "package", "dofile", "loadfile", "os.execute", "os.remove", "os.exit", "os.getenv", "io.popen"] {
+        for name in ["io", "debug", "package", "dofile", "loadfile", "os.execute", "os.remove", "os.exit", "os.getenv", "io.popen", "string.dump"] {
             XCTAssertTrue(report.contains("\(name)=nil"), report)
         }
         XCTAssertTrue(report.contains("attempt to load a binary chunk"), report)

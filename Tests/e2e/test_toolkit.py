@@ -181,4 +181,4 @@ def test_check_command(tmp_path):
     assert bad.returncode == 1
     assert "a.lua: on_message must be a function" in bad.stderr
     assert "b.lua:3:" in bad.stderr
-    assert "c.lua: idle must be a positive number" in bad.stderr
+    assert "c.lua: idle must be a number of seconds from 0.001 to 1e9" in bad.stderr
