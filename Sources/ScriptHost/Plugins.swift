@@ -4,7 +4,8 @@ import Foundation
 public struct PluginSource: Sendable, Equatable {
     /// The file name without `.lua`: what logs call the plugin.
     public var name: String
-    /// The path as given (it becomes the chunk name, so errors read `path:line:`).
+    /// The path relative to the scripts folder (it becomes the chunk name, so errors read
+    /// `path:line:`).
     public var path: String
     public var source: String
 
@@ -58,8 +59,11 @@ public struct PluginSet: Sendable, Equatable {
             guard let data = fm.contents(atPath: file) else {
                 throw PluginLoadError(file: file, message: "\(file): cannot read")
             }
-            let name = ((file as NSString).lastPathComponent as NSString).deletingPathExtension
-            return PluginSource(name: name, path: file, source: String(decoding: data, as: UTF8.self))
+            let fileName = (file as NSString).lastPathComponent
+            let name = (fileName as NSString).deletingPathExtension
+            // Named relative to the scripts folder: errors read `echo.lua:3:` wherever the folder
+            // is (Lua would also cut a long absolute chunk name to `...` at 60 characters).
+            return PluginSource(name: name, path: fileName, source: String(decoding: data, as: UTF8.self))
         }
         let lib = (base.isEmpty ? "." : base) + "/lib"
         return PluginSet(plugins: plugins, libraryDirectory: lib)

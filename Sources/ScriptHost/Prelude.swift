@@ -369,7 +369,7 @@ local function make_require(set, lib_dir, cache)
     local src = f:read("a")
     f:close()
     local owner = { name = name, set = set, count = 0 }
-    local fn, err = load(src, "@" .. path, "t", sandbox_base(owner, require_fn))
+    local fn, err = load(src, "@lib/" .. gsub(name, "%.", "/") .. ".lua", "t", sandbox_base(owner, require_fn))
     if fn == nil then error(err, 0) end
     local result = fn(name)
     if result == nil then result = true end
