@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what luaws needs on Debian: Lua 5.4 headers (always) and, with --test, what the
-# tests use (Chromium and its driver from Debian; websockets, selenium and pytest from PyPI).
-# Idempotent: installs only what is missing.
+# tests use (Chromium and its driver from Debian; websockets, selenium and pytest from PyPI,
+# into the project's virtual environment .venv/, since a stock Debian's Python refuses
+# system-wide pip installs: PEP 668). Idempotent: installs only what is missing.
 set -euo pipefail
 
 want_tests=0
@@ -11,7 +12,7 @@ SUDO=""
 if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
 
 apt_packages=(liblua5.4-dev pkg-config)
-if [[ $want_tests -eq 1 ]]; then apt_packages+=(chromium chromium-driver); fi
+if [[ $want_tests -eq 1 ]]; then apt_packages+=(chromium chromium-driver python3-venv); fi
 
 missing=()
 for p in "${apt_packages[@]}"; do
@@ -24,8 +25,13 @@ if [[ ${#missing[@]} -gt 0 ]]; then
 fi
 
 if [[ $want_tests -eq 1 ]]; then
-  if ! python3 -c "import websockets, selenium, pytest" 2>/dev/null; then
-    echo "setup: pip install websockets selenium pytest"
-    python3 -m pip install -q --disable-pip-version-check -r Tests/e2e/requirements.txt
+  cd "$(dirname "$0")/.."
+  if [[ ! -x .venv/bin/python ]]; then
+    echo "setup: python3 -m venv .venv"
+    python3 -m venv .venv
+  fi
+  if ! .venv/bin/python -c "import websockets, selenium, pytest" 2>/dev/null; then
+    echo "setup: .venv: pip install -r Tests/e2e/requirements.txt"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -r Tests/e2e/requirements.txt
   fi
 fi

@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash dev/setup.sh --test
 swift build --build-tests
 swift test --skip-build
-LUAWS_BIN="$PWD/.build/debug/luaws" python3 -m pytest -q Tests/e2e "$@"
+LUAWS_BIN="$PWD/.build/debug/luaws" .venv/bin/python -m pytest -q Tests/e2e "$@"

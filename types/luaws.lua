@@ -3,16 +3,19 @@
 -- Point the language server at this folder, e.g. in .luarc.json beside your scripts:
 --   { "runtime.version": "Lua 5.4", "workspace.library": ["path/to/luaws/types"] }
 
----A WebSocket connection, as every hook receives it.
+---A WebSocket connection, as every hook receives it. `id`, `path`, `protocol`, `query` and
+---`headers` are read-only; other fields you set are kept on the connection (prefer `data`).
 ---@class luaws.Conn
 ---@field id integer Unique in the process.
 ---@field path string The request path, e.g. "/ws".
+---@field protocol string? The negotiated sub-protocol (one of the plugins' `protocols`), or nil.
 ---@field query table<string, string> The query string, parsed (`?room=blue` -> `query.room`).
 ---@field headers table<string, string> Request headers, names in lower case.
 ---@field data table Your own per-connection table; lives as long as the connection, across reloads.
 local Conn = {}
 
 ---Sends a text message. Returns false if the connection is closing or closed.
+---The text must be valid UTF-8 (an error otherwise: use `send_binary` for bytes).
 ---@param text string
 ---@return boolean
 function Conn:send(text) end
@@ -24,27 +27,30 @@ function Conn:send_binary(bytes) end
 
 ---Starts the closing handshake. `code` defaults to 1000; use 3000-4999 for your own codes.
 ---@param code? integer
----@param reason? string At most 123 bytes.
+---@param reason? string At most 123 bytes of UTF-8.
 ---@return boolean
 function Conn:close(code, reason) end
 
----Calls `fn(conn)` once after `seconds`. Cancelled when the connection closes.
+---Calls `fn(conn)` once after `seconds` (0.001 to 1e9). Cancelled when the connection closes;
+---survives reloads. At most 64 timers per connection.
 ---@param seconds number
 ---@param fn fun(conn: luaws.Conn)
 ---@return luaws.Timer
 function Conn:after(seconds, fn) end
 
----Calls `fn(conn)` every `seconds` until cancelled or the connection closes.
+---Calls `fn(conn)` every `seconds` (0.001 to 1e9) until cancelled or the connection closes.
 ---@param seconds number
 ---@param fn fun(conn: luaws.Conn)
 ---@return luaws.Timer
 function Conn:every(seconds, fn) end
 
----Receives every `luaws.publish(channel, ...)`, from any event loop.
+---Receives every `luaws.publish(channel, ...)`, from any event loop. False if the connection is gone.
 ---@param channel string
+---@return boolean
 function Conn:subscribe(channel) end
 
 ---@param channel string
+---@return boolean
 function Conn:unsubscribe(channel) end
 
 ---@class luaws.Timer
@@ -52,7 +58,9 @@ local Timer = {}
 ---Stops the timer; harmless if it already fired or was cancelled.
 function Timer:cancel() end
 
----The process-wide store, shared by every Lua state.
+---The process-wide store, shared by every Lua state. It holds at most `--shared-memory-mb`
+---(default 64 MiB) of keys and values, and 1 MiB for one key and value: past that `set` and
+---`incr` raise an error.
 ---@class luaws.Shared
 local Shared = {}
 ---@param key string
@@ -95,7 +103,7 @@ function luaws.utcnow_iso() end
 ---@return number
 function luaws.now() end
 
----Logs at "debug", "info", "warn" or "error".
+---Logs at "debug", "info", "warn" or "error"; the line names the plugin.
 ---@param level "debug"|"info"|"warn"|"error"
 ---@param ... any
 function luaws.log(level, ...) end
@@ -107,32 +115,38 @@ function luaws.log(level, ...) end
 ---@return T|string
 function luaws.var(name, default) end
 
----Calls `fn()` once after `seconds` (a plugin timer, not tied to a connection).
+---Calls `fn()` once after `seconds` (0.001 to 1e9): a plugin timer, not tied to a connection.
+---It ends when its plugin is reloaded or removed; at most 1024 per plugin per event loop.
+---Started at the top level of a plugin (while it loads), it runs once per process (on the first
+---event loop); started from a hook, it runs on that hook's event loop.
 ---@param seconds number
 ---@param fn fun()
 ---@return luaws.Timer
 function luaws.after(seconds, fn) end
 
----Calls `fn()` every `seconds` until cancelled.
+---Calls `fn()` every `seconds` (0.001 to 1e9) until cancelled or its plugin is reloaded.
+---Same rules as `luaws.after`.
 ---@param seconds number
 ---@param fn fun()
 ---@return luaws.Timer
 function luaws.every(seconds, fn) end
 
----Sends `text` to every subscriber of `channel`, on every event loop.
+---Sends `text` (valid UTF-8) to every subscriber of `channel`, on every event loop. Raises an
+---error while more than 64 MiB of messages wait to reach the event loops.
 ---@param channel string
 ---@param text string
 function luaws.publish(channel, text) end
 
----Sends `text` to every connection whose path is `path`, on every event loop.
+---Sends `text` (valid UTF-8) to every connection whose path is `path`, on every event loop.
 ---@param path string
 ---@param text string
 function luaws.broadcast(path, text) end
 
----What a plugin file returns. Every field is optional.
+---What a plugin file returns. Every field is optional; an unknown field is a load error.
 ---@class luaws.Plugin
----@field name? string For logs.
----@field idle? number Seconds without a message before `on_idle` (needs `on_idle`).
+---@field name? string For logs and /luaws/status (letters, digits, _ - .); default: the file name.
+---@field idle? number Seconds (0.001 to 1e9) without a message before `on_idle` (needs `on_idle`).
+---@field protocols? string[] Sub-protocols this plugin speaks; the server picks the client's first one that some plugin lists.
 ---@field on_open? fun(conn: luaws.Conn): boolean?
 ---@field on_message? fun(conn: luaws.Conn, msg: string, kind: "text"|"binary"): boolean?
 ---@field on_close? fun(conn: luaws.Conn, code: integer, reason: string): boolean?

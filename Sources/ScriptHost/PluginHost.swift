@@ -346,6 +346,12 @@ public final class PluginHost {
     /// Timers scripts have running (or waiting for their set) on this loop.
     public var timerCount: Int { timers.count }
 
+    /// What scripts can reach (`luaws`, `luaws.json`, `luaws.shared`, conn methods and fields,
+    /// plugin fields), one "group name" pair a line: kept in step with types/luaws.lua by a test.
+    func apiDescription() throws -> String {
+        try vm.call(try vm.apiFunction("describe"), []).string ?? ""
+    }
+
     // MARK: channels, broadcast, timers
 
     /// Sends `message` to this loop's subscribers of `channel`.

@@ -475,6 +475,23 @@ api.forget_timer = forget_timer
 
 api.new_conn = new_conn
 
+-- What scripts can reach, one "group name" pair a line, sorted: the unit test that keeps
+-- types/luaws.lua true compares it with the declarations.
+function api.describe()
+  local lines = {}
+  local function add(group, t) for k in pairs(t) do lines[#lines + 1] = group .. " " .. k end end
+  add("luaws", make_luaws({ name = "describe", count = 0, set = {} }))
+  add("json", base.json)
+  add("shared", shared)
+  add("conn", conn_methods)
+  add("conn", lazy_fields)
+  for _, f in ipairs({ "path", "protocol" }) do lines[#lines + 1] = "conn " .. f end
+  add("plugin", HOOKS)
+  for _, f in ipairs({ "idle", "protocols", "name" }) do lines[#lines + 1] = "plugin " .. f end
+  table.sort(lines)
+  return concat(lines, "\n")
+end
+
 -- A timer fired (Swift scheduled it). A one-shot timer is forgotten before its callback runs.
 function api.fire_timer(id)
   local t = timers[id]
