@@ -92,6 +92,7 @@ typedef struct luaws_host {
     int budget;                  /* VM instructions per call, 0 = no limit */
     lua_Integer remaining;       /* what is left of the current call's budget */
     int budget_hit;              /* set once the current call's budget is spent */
+    lua_State *hook_thread;      /* the coroutine running a hook now, or NULL: where core.wait may yield */
     char error[LUAWS_ERR_MAX];   /* the last error of luaws_call, NUL-terminated */
 
     /* Callbacks into Swift. They get plain values and must not call Lua. */
@@ -476,6 +477,21 @@ static int luaws_core_command(lua_State *L) {
     return luaws_push_reply(L, &reply);
 }
 
+/* core.wait(op, ...): suspends the running hook until Swift has done `op` (a sleep, an HTTP
+ * request ...); the values Swift resumes it with are core.wait's results. Only the hook's own
+ * coroutine may wait: not a plugin's top level (it runs while the plugin set loads, outside
+ * any hook) and not a coroutine the script made (its yield would go to the script). */
+static int luaws_core_wait(lua_State *L) {
+    luaws_host *h = luaws_host_of(L);
+    luaL_checkinteger(L, 1);
+    if (lua_gettop(L) > LUAWS_MAX_COMMAND_ARGS + 1) return luaL_error(L, "too many arguments");
+    if (h->hook_thread == NULL)
+        return luaL_error(L, "waiting calls (luaws.sleep, luaws.http, luaws.redis) are only available in hooks, routes and timer callbacks, not at a plugin's top level");
+    if (L != h->hook_thread || !lua_isyieldable(L))
+        return luaL_error(L, "waiting calls cannot be made inside a coroutine the script created, nor inside a C function such as table.sort's comparator or string.gsub's replacement");
+    return lua_yield(L, lua_gettop(L));
+}
+
 /* ---------- JSON: Lua values <-> flattened nodes; Foundation does the text ---------- */
 
 typedef struct luaws_node_list {
@@ -658,6 +674,23 @@ static int luaws_core_json_decode(lua_State *L) {
     return 1;
 }
 
+/* An error raised inside the prelude (a bad argument to a luaws function, say) is the
+ * script's doing: rewrites "luaws-prelude:N: text" to the script's file:line that called into
+ * the prelude, looking at `co`'s stack. Pushes the message to use onto L. */
+static const char *luaws_script_message(lua_State *L, lua_State *co, const char *msg) {
+    static const char prelude[] = "luaws-prelude:";
+    if (strncmp(msg, prelude, sizeof prelude - 1) == 0) {
+        const char *rest = strstr(msg + sizeof prelude - 1, ": ");
+        lua_Debug ar;
+        for (int level = 0; rest && lua_getstack(co, level, &ar); level++) {
+            if (!lua_getinfo(co, "Sl", &ar)) break;
+            if (ar.currentline > 0 && strcmp(ar.source, "=luaws-prelude") != 0)
+                return lua_pushfstring(L, "%s:%d: %s", ar.short_src, ar.currentline, rest + 2);
+        }
+    }
+    return lua_pushstring(L, msg);
+}
+
 /* Message handler: the error with a traceback. Written in C so that it runs
  * even when the budget hook makes every Lua instruction fail. */
 static int luaws_msgh(lua_State *L) {
@@ -666,20 +699,7 @@ static int luaws_msgh(lua_State *L) {
         if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) return 1;
         msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
     }
-    /* An error raised inside the prelude (a bad argument to conn:close, say) is the script's
-     * doing: point at the script's line that called into the prelude. */
-    static const char prelude[] = "luaws-prelude:";
-    if (strncmp(msg, prelude, sizeof prelude - 1) == 0) {
-        const char *rest = strstr(msg + sizeof prelude - 1, ": ");
-        lua_Debug ar;
-        for (int level = 1; rest && lua_getstack(L, level, &ar); level++) {
-            if (!lua_getinfo(L, "Sl", &ar)) break;
-            if (ar.currentline > 0 && strcmp(ar.source, "=luaws-prelude") != 0) {
-                msg = lua_pushfstring(L, "%s:%d: %s", ar.short_src, ar.currentline, rest + 2);
-                break;
-            }
-        }
-    }
+    msg = luaws_script_message(L, L, msg);
     luaL_traceback(L, L, msg, 1);
     return 1;
 }
@@ -698,6 +718,7 @@ static void luaws_push_core(lua_State *L) {
         {"utcnow_iso", luaws_core_utcnow_iso},
         {"now", luaws_core_now},
         {"command", luaws_core_command},
+        {"wait", luaws_core_wait},
         {"json_encode", luaws_core_json_encode},
         {"json_decode", luaws_core_json_decode},
         {NULL, NULL},
@@ -840,6 +861,162 @@ static inline int luaws_index(lua_State *L, int table, const char *key, int want
     luaws_index_frame frame = {table, key, want_ref, result};
     luaws_clear_result(result);
     return luaws_protected(L, luaws_index_trampoline, &frame, 0);
+}
+
+/* ---------- hooks in coroutines ----------
+ *
+ * Every hook runs in a coroutine of its own (pooled by Swift), so that it can wait: a call
+ * such as luaws.sleep yields (core.wait) with an operation for Swift, which resumes the
+ * coroutine with the answer. Each start and each resume is one protected call from Swift
+ * with a whole instruction budget. A coroutine that finished is reusable at once; one that
+ * failed or was abandoned is reset (lua_resetthread) first. */
+
+enum { LUAWS_RUN_DONE, LUAWS_RUN_SUSPENDED, LUAWS_RUN_FAILED };
+
+typedef struct luaws_run {
+    int state;                                  /* LUAWS_RUN_* */
+    int truthy;                                 /* DONE: the hook's first result was true */
+    lua_Integer op;                             /* SUSPENDED: what to do (core.wait's op) */
+    luaws_arg args[LUAWS_MAX_COMMAND_ARGS];     /* SUSPENDED: its arguments; strings stay on the coroutine's stack until it is resumed */
+    int nargs;
+} luaws_run;
+
+typedef struct luaws_run_frame {
+    lua_State *co;
+    int fn;                      /* LUA_NOREF: resume, else start this function */
+    const luaws_arg *args;
+    int nargs;
+    luaws_run *run;
+} luaws_run_frame;
+
+static void luaws_push_arg(lua_State *L, const luaws_arg *a) {
+    switch (a->type) {
+    case LUAWS_ARG_INT: lua_pushinteger(L, a->i); break;
+    case LUAWS_ARG_NUM: lua_pushnumber(L, a->n); break;
+    case LUAWS_ARG_STR: lua_pushlstring(L, a->s, a->len); break;
+    case LUAWS_ARG_REF: lua_rawgeti(L, LUA_REGISTRYINDEX, a->i); break;
+    case LUAWS_ARG_BOOL: lua_pushboolean(L, (int)a->i); break;
+    default: lua_pushnil(L); break;
+    }
+}
+
+/* Describes the yielded values (op, args...) on the coroutine's stack in *run. */
+static int luaws_read_yield(lua_State *co, int n, luaws_run *run) {
+    if (n < 1 || !lua_isinteger(co, -n)) return 0;
+    run->op = lua_tointeger(co, -n);
+    run->nargs = n - 1;
+    for (int k = 0; k < run->nargs; k++) {
+        int idx = -n + 1 + k;
+        luaws_arg *a = &run->args[k];
+        memset(a, 0, sizeof *a);
+        switch (lua_type(co, idx)) {
+        case LUA_TBOOLEAN: a->type = LUAWS_ARG_BOOL; a->i = lua_toboolean(co, idx); break;
+        case LUA_TNUMBER:
+            if (lua_isinteger(co, idx)) { a->type = LUAWS_ARG_INT; a->i = lua_tointeger(co, idx); }
+            else { a->type = LUAWS_ARG_NUM; a->n = lua_tonumber(co, idx); }
+            break;
+        case LUA_TSTRING: a->type = LUAWS_ARG_STR; a->s = lua_tolstring(co, idx, &a->len); break;
+        default: a->type = LUAWS_ARG_NIL; break;
+        }
+    }
+    return 1;
+}
+
+static int luaws_run_trampoline(lua_State *L) {
+    luaws_run_frame *f = (luaws_run_frame *)lua_touserdata(L, 1);
+    luaws_host *h = luaws_host_of(L);
+    lua_State *co = f->co;
+    luaws_run *run = f->run;
+    /* What the coroutine yielded last time goes; the answer comes in its place. Values are
+     * pushed here (where a memory error is caught) and then moved. */
+    if (f->fn == LUA_NOREF) lua_settop(co, 0);
+    int pushed = f->nargs + (f->fn == LUA_NOREF ? 0 : 1);
+    luaL_checkstack(L, pushed + 2, "too many arguments");
+    if (!lua_checkstack(co, pushed + 2)) return luaL_error(L, "coroutine stack overflow");
+    if (f->fn != LUA_NOREF) lua_rawgeti(L, LUA_REGISTRYINDEX, f->fn);
+    for (int k = 0; k < f->nargs; k++) luaws_push_arg(L, &f->args[k]);
+    lua_xmove(L, co, pushed);
+    int nres = 0;
+    h->hook_thread = co;
+    int status = lua_resume(co, L, f->nargs, &nres);
+    h->hook_thread = NULL;
+    if (status == LUA_OK) {
+        run->state = LUAWS_RUN_DONE;
+        run->truthy = nres > 0 && lua_toboolean(co, -nres);
+        lua_settop(co, 0);
+    } else if (status == LUA_YIELD) {
+        run->state = LUAWS_RUN_SUSPENDED;
+        if (!luaws_read_yield(co, nres, run)) {
+            /* Not a yield of core.wait (core.wait checks that only the hook thread yields
+             * through it); a script's coroutine.yield in the hook itself, say. */
+            lua_settop(co, 0);
+            lua_resetthread(co);
+            run->state = LUAWS_RUN_FAILED;
+            return luaL_error(L, "a hook yielded with coroutine.yield outside a coroutine of its own");
+        }
+    } else {
+        /* The error and where it happened, from the dead coroutine's stack; then reset it. */
+        run->state = LUAWS_RUN_FAILED;
+        const char *msg = lua_tostring(co, -1);
+        if (status == LUA_ERRMEM)
+            msg = lua_pushfstring(L, "memory limit exceeded (%d bytes): not enough memory", (int)h->mem_limit);
+        else if (msg == NULL)
+            msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(co, -1));
+        msg = luaws_script_message(L, co, msg);
+        luaL_traceback(L, co, msg, 0);
+        size_t len = 0;
+        const char *text = lua_tolstring(L, -1, &len);
+        if (len >= LUAWS_ERR_MAX) len = LUAWS_ERR_MAX - 1;
+        memcpy(h->error, text, len);
+        h->error[len] = 0;
+        lua_settop(co, 0);
+        lua_resetthread(co);
+    }
+    return 0;
+}
+
+/* Starts `fn` (a registry reference) with `args` in coroutine `co`, or with fn == LUA_NOREF
+ * resumes `co` with `args` as the results of its core.wait. Returns LUA_OK with *run
+ * describing the outcome (DONE or SUSPENDED), or an error status with the message and
+ * traceback in h->error (the coroutine has been reset and can be reused). The budget error
+ * and a memory error inside the hook arrive here as the coroutine's error. */
+static inline int luaws_run_hook(lua_State *L, lua_State *co, int fn, const luaws_arg *args, int nargs, luaws_run *run) {
+    luaws_run_frame frame = {co, fn, args, nargs, run};
+    run->state = LUAWS_RUN_FAILED;
+    run->truthy = 0;
+    run->nargs = 0;
+    int status = luaws_protected(L, luaws_run_trampoline, &frame, 1);
+    if (status != LUA_OK) run->state = LUAWS_RUN_FAILED;
+    return status == LUA_OK && run->state == LUAWS_RUN_FAILED ? LUA_ERRRUN : status;
+}
+
+static int luaws_newthread_trampoline(lua_State *L) {
+    void **out = (void **)lua_touserdata(L, 1);
+    lua_State *co = lua_newthread(L);
+    *(int *)out[1] = luaL_ref(L, LUA_REGISTRYINDEX);
+    out[0] = co;
+    return 0;
+}
+
+/* A new coroutine for the pool, kept alive by a registry reference (*ref); NULL on failure. */
+static inline lua_State *luaws_new_coroutine(lua_State *L, int *ref) {
+    void *out[2] = {NULL, ref};
+    *ref = LUA_NOREF;
+    if (luaws_protected(L, luaws_newthread_trampoline, out, 0) != LUA_OK) return NULL;
+    return (lua_State *)out[0];
+}
+
+static int luaws_reset_trampoline(lua_State *L) {
+    lua_State *co = (lua_State *)lua_touserdata(L, 1);
+    lua_settop(co, 0);
+    lua_resetthread(co);
+    return 0;
+}
+
+/* Abandons what coroutine `co` was doing (a hook that waited too long): its pending
+ * to-be-closed variables are closed, under the budget, and it is ready for reuse. */
+static inline void luaws_reset_coroutine(lua_State *L, lua_State *co) {
+    (void)luaws_protected(L, luaws_reset_trampoline, co, 1);
 }
 
 static int luaws_unref_trampoline(lua_State *L) {

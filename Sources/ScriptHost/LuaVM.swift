@@ -69,6 +69,8 @@ final class LuaVM {
     unowned(unsafe) var delegate: LuaVMDelegate?
     /// Argument slots for `callHook`, allocated once.
     private let hookArgs: UnsafeMutablePointer<luaws_arg>
+    /// What a hook run did (`luaws_run_hook`), allocated once.
+    private let run: UnsafeMutablePointer<luaws_run>
 
     init(memoryLimit: Int, instructionBudget: Int) throws {
         let host = UnsafeMutablePointer<luaws_host>.allocate(capacity: 1)
@@ -130,6 +132,8 @@ final class LuaVM {
         self.host = host
         hookArgs = .allocate(capacity: 3)
         hookArgs.initialize(repeating: luaws_arg(), count: 3)
+        run = .allocate(capacity: 1)
+        run.initialize(to: luaws_run())
         state = opened
         api = ref
         // The pointer Lua's callbacks use to find this object; unretained (the VM owns the state).
@@ -138,6 +142,7 @@ final class LuaVM {
 
     deinit {
         hookArgs.deallocate()
+        run.deallocate()
         lua_close(state)
         host.deinitialize(count: 1)
         host.deallocate()
@@ -249,6 +254,97 @@ final class LuaVM {
 
     private func error(_ status: Int32) -> LuaError {
         LuaError(message: Self.errorText(host))
+    }
+
+    // MARK: hooks in coroutines
+
+    /// A coroutine of this state, kept alive by a registry reference. Only `LuaVM` looks inside.
+    struct Thread {
+        fileprivate let state: OpaquePointer
+        fileprivate let ref: Int32
+    }
+
+    /// What running (or resuming) a hook did.
+    enum HookOutcome {
+        /// It returned; `stop` is its first result's truth (true ends the plugin chain).
+        case done(stop: Bool)
+        /// It waits for operation `op` (core.wait's first argument) with `args`.
+        case suspended(op: Int64, args: [LuaValue])
+        case failed(LuaError)
+    }
+
+    /// A new coroutine for hooks; nil if the state is out of memory.
+    func newThread() -> Thread? {
+        var ref: Int32 = LUA_NOREF
+        guard let state = luaws_new_coroutine(self.state, &ref) else { return nil }
+        return Thread(state: state, ref: ref)
+    }
+
+    /// Forgets a coroutine (its memory goes with the next collection).
+    func release(_ thread: Thread) {
+        unref(thread.ref)
+    }
+
+    /// Abandons what `thread` was waiting for; it can run another hook afterwards.
+    func reset(_ thread: Thread) {
+        luaws_reset_coroutine(state, thread.state)
+    }
+
+    /// Runs hook `function` in `thread` with the connection and, optionally, a payload and its
+    /// kind: the hot path, with nothing allocated unless the hook waits.
+    func runHook(_ function: Int32, in thread: Thread, connection: Int32, payload: ByteBuffer? = nil, kind: StaticString? = nil) -> HookOutcome {
+        let argv = hookArgs
+        argv[0].type = Int32(LUAWS_ARG_REF)
+        argv[0].i = Int64(connection)
+        let status: Int32
+        if let payload {
+            status = payload.withUnsafeReadableBytes { bytes in
+                argv[1].type = Int32(LUAWS_ARG_STR)
+                argv[1].s = bytes.baseAddress?.assumingMemoryBound(to: CChar.self)
+                argv[1].len = bytes.count
+                guard let kind else { return luaws_run_hook(state, thread.state, function, argv, 2, run) }
+                argv[2].type = Int32(LUAWS_ARG_STR)
+                argv[2].s = UnsafeRawPointer(kind.utf8Start).assumingMemoryBound(to: CChar.self)
+                argv[2].len = kind.utf8CodeUnitCount
+                return luaws_run_hook(state, thread.state, function, argv, 3, run)
+            }
+        } else {
+            status = luaws_run_hook(state, thread.state, function, argv, 1, run)
+        }
+        return outcome(status)
+    }
+
+    /// Runs `function` with `args` in `thread` (hooks whose arguments are not the hot path's).
+    func run(_ function: Int32, in thread: Thread, _ args: [LuaArg]) -> HookOutcome {
+        let status = withLuaArgs(args) { cArgs in
+            luaws_run_hook(state, thread.state, function, cArgs.baseAddress, Int32(cArgs.count), run)
+        }
+        return outcome(status)
+    }
+
+    /// Resumes the hook waiting in `thread`: `results` are what its waiting call returns.
+    func resume(_ thread: Thread, with results: [LuaArg]) -> HookOutcome {
+        let status = withLuaArgs(results) { cArgs in
+            luaws_run_hook(state, thread.state, LUA_NOREF, cArgs.baseAddress, Int32(cArgs.count), run)
+        }
+        return outcome(status)
+    }
+
+    private func outcome(_ status: Int32) -> HookOutcome {
+        guard status == LUA_OK else { return .failed(error(status)) }
+        switch Int(run.pointee.state) {
+        case LUAWS_RUN_DONE:
+            return .done(stop: run.pointee.truthy != 0)
+        case LUAWS_RUN_SUSPENDED:
+            let count = Int(run.pointee.nargs)
+            // Copied now: the strings live on the coroutine's stack only until it resumes.
+            let args = withUnsafeBytes(of: &run.pointee.args) { raw in
+                raw.bindMemory(to: luaws_arg.self).prefix(count).map(LuaVM.value(of:))
+            }
+            return .suspended(op: run.pointee.op, args: args)
+        default:
+            return .failed(LuaError(message: Self.errorText(host)))
+        }
     }
 
     func unref(_ ref: Int32) {
