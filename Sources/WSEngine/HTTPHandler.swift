@@ -68,7 +68,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func respond(to head: HTTPRequestHead, context: ChannelHandlerContext) {
-        let path = String(head.uri.prefix { $0 != "?" && $0 != "#" })
+        let path = head.pathAndQuery.path
         if configuration.webSocketPaths.contains(path) {
             let version = head.headers["Sec-WebSocket-Version"].first
             if !Self.originAllowed(head, configuration) {

@@ -36,10 +36,6 @@ final class LoopState {
         }
     }
 
-    func stopSweep() {
-        sweep?.cancel()
-    }
-
     func makeID() -> Int64 {
         nextID += 1
         return nextID

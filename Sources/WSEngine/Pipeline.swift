@@ -73,7 +73,7 @@ struct Handshake {
     var subprotocol: String?
 
     init?(_ head: HTTPRequestHead, configuration: ServerConfiguration, application: WebSocketApplication) {
-        let path = String(head.uri.prefix { $0 != "?" && $0 != "#" })
+        let path = head.pathAndQuery.path
         // RFC 6455 §4.1: the handshake is an HTTP/1.1 GET.
         guard configuration.webSocketPaths.contains(path), head.method == .GET,
               head.version.major == 1 && head.version.minor >= 1,

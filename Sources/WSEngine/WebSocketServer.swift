@@ -133,13 +133,8 @@ extension WebSocketRequest {
     }
 
     init(head: HTTPRequestHead, remoteAddress: SocketAddress?) {
-        let uri = head.uri
-        let pathEnd = uri.firstIndex { $0 == "?" || $0 == "#" } ?? uri.endIndex
-        var query = ""
-        if pathEnd < uri.endIndex, uri[pathEnd] == "?" {
-            query = String(uri[uri.index(after: pathEnd)...].prefix { $0 != "#" })
-        }
-        self.init(path: String(uri[..<pathEnd]), query: query, headers: head.headers, remoteAddress: remoteAddress?.description, subprotocol: nil)
+        let (path, query) = head.pathAndQuery
+        self.init(path: path, query: query, headers: head.headers, remoteAddress: remoteAddress?.description, subprotocol: nil)
     }
 }
 

@@ -1,5 +1,5 @@
 import Foundation
-import WSEngine
+import WSEngineTesting
 import XCTest
 
 /// Replays the fuzz corpus (Tests/fuzz-corpus: seeds and every crash the fuzzer ever found)
