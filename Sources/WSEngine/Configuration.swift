@@ -40,6 +40,13 @@ public struct ServerConfiguration: Sendable {
     public var compression = true
     /// Messages shorter than this are sent uncompressed even when compression is on.
     public var compressionThreshold = 128
+    /// A compressed message may inflate to this many times its compressed size, but always to
+    /// at least `inflateFloor` (1 MiB) and never past `maxMessageSize`; a message that inflates
+    /// further fails the connection with 1009 as soon as it does, so a small message cannot make
+    /// the server inflate megabytes (zlib reaches ~1000:1). 0 or less: only `maxMessageSize` counts.
+    public var maxCompressedRatio = 100
+    /// Bytes any compressed message may inflate to whatever its ratio (see `maxCompressedRatio`).
+    public static let inflateFloor = 1 << 20
     /// zlib level for outgoing messages (1 fastest … 9 smallest).
     public var compressionLevel: Int32 = 6
     /// How long the server waits for the client's close frame after sending its own.

@@ -146,7 +146,8 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
             guard let assembled = try assembler.append(opcode: frame.opcode, fin: frame.fin, compressed: compressed, data: payload) else { return }
             var message = WebSocketMessage(kind: assembled.kind, data: assembled.data)
             if assembled.compressed {
-                message.data = try loop.deflate.decompress(assembled.data, limit: configuration.maxMessageSize, allocator: context!.channel.allocator)
+                let limit = configuration.inflateLimit(compressedBytes: assembled.data.readableBytes)
+                message.data = try loop.deflate.decompress(assembled.data, limit: limit, allocator: context!.channel.allocator)
                 if message.kind == .text { try MessageAssembler.validateText(message.data) }
             }
             lastMessage = lastHeard
