@@ -115,7 +115,9 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         lastHeard = .now()  // once per read, not per frame
         pingSentAt = nil
         do {
-            try parser.parse(unwrapInboundIn(data)) { frame throws(ProtocolFailure) in
+            try parser.parse(unwrapInboundIn(data), partial: { frame throws(ProtocolFailure) in
+                try receivePartial(frame)
+            }) { frame throws(ProtocolFailure) in
                 try receive(frame)
                 return state != .closed
             }
@@ -169,6 +171,14 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         default:
             throw ProtocolFailure(code: ProtocolFailure.protocolError, reason: "unknown opcode \(frame.opcode)")
         }
+    }
+
+    /// The payload so far of a frame still arriving: text is validated as it comes (Autobahn
+    /// 6.4.x), so invalid UTF-8 fails the connection without waiting for the rest of the frame.
+    /// What only the whole frame can tell (masking, reserved bits, order) is judged by `receive`.
+    private func receivePartial(_ frame: ClientFrame) throws(ProtocolFailure) {
+        guard state == .open, frame.masked, !frame.rsv2, !frame.rsv3 else { return }
+        try assembler.validatePartial(opcode: frame.opcode, compressed: frame.rsv1, data: frame.payload)
     }
 
     private func receiveClose(_ payload: ByteBuffer) throws(ProtocolFailure) {
