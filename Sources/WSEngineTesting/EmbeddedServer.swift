@@ -21,8 +21,10 @@ public final class EmbeddedServer {
     /// Whether the server still has the connection open.
     public var isActive: Bool { channel.isActive }
 
-    /// Delivers `bytes` as one read from the client.
+    /// Delivers `bytes` as one read from the client, then runs what that scheduled to run now
+    /// (the upgrade completes in a future callback, for one).
     public func feed(_ bytes: [UInt8]) throws {
+        defer { loop.run() }
         try channel.writeInbound(ByteBuffer(bytes: bytes))
     }
 

@@ -1,6 +1,7 @@
 """Promises the engine keeps under hostile clients (issue 8): bounded memory for pipelined
 files and unread pongs, compressed bombs refused early, only real handshake keys, UTF-8
 failed as soon as it is invalid, and a quiet shutdown."""
+import json
 import os
 import signal
 import socket
@@ -143,6 +144,27 @@ def test_keepalive_ping_is_bounded_for_a_client_that_never_reads(tmp_path, start
                           "--pong-timeout", "0.3", "--max-outbound-bytes", "65536")
     c = RawClient(server.port, rcvbuf=4096)
     assert c.at_eof(timeout=3)
+    c.close()
+
+
+def open_connections(server):
+    with urllib.request.urlopen(server.http + "/luaws/status", timeout=5) as r:
+        return json.loads(r.read())["connections"]
+
+
+def test_failing_a_client_that_does_not_read_closes_it_at_once(tmp_path, start_server):
+    # Its close frame would wait behind the bytes it does not read: the TCP connection goes anyway.
+    server = start_server("--scripts", no_plugins(tmp_path), "--max-outbound-bytes", "65536",
+                          "--slow-consumer", "drop")
+    c = RawClient(server.port, rcvbuf=4096)
+    assert not flood_pings(c, seconds=1, limit_bytes=8 << 20)  # its queue is now over the bound
+    assert open_connections(server) == 1
+    c.sock.settimeout(5)
+    c.send_frame(TEXT, b"\xff")  # invalid UTF-8: the server fails the connection
+    deadline = time.monotonic() + 3  # less than the close timeout (5 s)
+    while open_connections(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert open_connections(server) == 0, "the server still holds a connection it failed"
     c.close()
 
 
