@@ -31,7 +31,9 @@ public struct ServerConfiguration: Sendable {
     public var pongTimeout: TimeAmount = .seconds(30)
     /// Closes (1001) a connection that sent no message for this long; nil: never.
     public var idleTimeout: TimeAmount? = nil
-    /// Bytes queued for one client beyond which it counts as a slow consumer.
+    /// Bytes queued for one client beyond which it counts as a slow consumer (every frame
+    /// counts: messages, pongs, pings, close frames). Over HTTP, a pipelined request waits until
+    /// the responses queued before it drain below half of this.
     public var maxOutboundBytes = 4 << 20
     /// What happens to a slow consumer.
     public var slowConsumerPolicy = SlowConsumerPolicy.close
