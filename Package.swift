@@ -38,9 +38,19 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "NIOWebSocket", package: "swift-nio"),
-                .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "CompressNIO", package: "compress-nio"),
+            ]
+        ),
+        // Drives the engine's pipeline on an EmbeddedChannel: for the unit tests and the fuzzer,
+        // never part of the luaws product (it keeps NIOEmbedded out of the server).
+        .target(
+            name: "WSEngineTesting",
+            dependencies: [
+                "WSEngine",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
         .executableTarget(
@@ -56,7 +66,7 @@ let package = Package(
         // libFuzzer target over FuzzHarness (see dev/fuzz.sh); without -DFUZZING it replays files.
         .executableTarget(
             name: "LuaWSFuzz",
-            dependencies: ["WSEngine"]
+            dependencies: ["WSEngineTesting"]
         ),
         .testTarget(
             name: "ScriptHostTests",
@@ -73,6 +83,7 @@ let package = Package(
             name: "WSEngineTests",
             dependencies: [
                 "WSEngine",
+                "WSEngineTesting",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),

@@ -1,5 +1,5 @@
 import Foundation
-import WSEngine
+import WSEngineTesting
 
 // Built with `-sanitize=fuzzer -DFUZZING` (dev/fuzz.sh), libFuzzer calls this with each input.
 // An input that starts with three upper-case letters (an HTTP method) fuzzes the HTTP side;

@@ -31,7 +31,9 @@ public struct ServerConfiguration: Sendable {
     public var pongTimeout: TimeAmount = .seconds(30)
     /// Closes (1001) a connection that sent no message for this long; nil: never.
     public var idleTimeout: TimeAmount? = nil
-    /// Bytes queued for one client beyond which it counts as a slow consumer.
+    /// Bytes queued for one client beyond which it counts as a slow consumer (every frame
+    /// counts: messages, pongs, pings, close frames). Over HTTP, a pipelined request waits until
+    /// the responses queued before it drain below half of this.
     public var maxOutboundBytes = 4 << 20
     /// What happens to a slow consumer.
     public var slowConsumerPolicy = SlowConsumerPolicy.close
@@ -40,6 +42,13 @@ public struct ServerConfiguration: Sendable {
     public var compression = true
     /// Messages shorter than this are sent uncompressed even when compression is on.
     public var compressionThreshold = 128
+    /// A compressed message may inflate to this many times its compressed size, but always to
+    /// at least `inflateFloor` (1 MiB) and never past `maxMessageSize`; a message that inflates
+    /// further fails the connection with 1009 as soon as it does, so a small message cannot make
+    /// the server inflate megabytes (zlib reaches ~1000:1). 0 or less: only `maxMessageSize` counts.
+    public var maxCompressedRatio = 100
+    /// Bytes any compressed message may inflate to whatever its ratio (see `maxCompressedRatio`).
+    public static let inflateFloor = 1 << 20
     /// zlib level for outgoing messages (1 fastest … 9 smallest).
     public var compressionLevel: Int32 = 6
     /// How long the server waits for the client's close frame after sending its own.

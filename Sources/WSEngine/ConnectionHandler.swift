@@ -51,7 +51,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     // Keep-alive: a ping after `pingInterval` of silence, a drop after `pongTimeout` more.
     private var lastHeard = NIODeadline.now()
     private var pingSentAt: NIODeadline?
-    /// Messages dropped for this slow consumer (policy .drop).
+    /// Frames are being dropped for this slow consumer (policy .drop): logged once per episode.
     private var dropping = false
     /// The channel's writability, as last reported (asking the channel each send costs).
     private var writable = true
@@ -115,7 +115,9 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         lastHeard = .now()  // once per read, not per frame
         pingSentAt = nil
         do {
-            try parser.parse(unwrapInboundIn(data)) { frame throws(ProtocolFailure) in
+            try parser.parse(unwrapInboundIn(data), partial: { frame throws(ProtocolFailure) in
+                try receivePartial(frame)
+            }) { frame throws(ProtocolFailure) in
                 try receive(frame)
                 return state != .closed
             }
@@ -146,14 +148,17 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
             guard let assembled = try assembler.append(opcode: frame.opcode, fin: frame.fin, compressed: compressed, data: payload) else { return }
             var message = WebSocketMessage(kind: assembled.kind, data: assembled.data)
             if assembled.compressed {
-                message.data = try loop.deflate.decompress(assembled.data, limit: configuration.maxMessageSize, allocator: context!.channel.allocator)
+                let limit = configuration.inflateLimit(compressedBytes: assembled.data.readableBytes)
+                message.data = try loop.deflate.decompress(assembled.data, limit: limit, allocator: context!.channel.allocator)
                 if message.kind == .text { try MessageAssembler.validateText(message.data) }
             }
             lastMessage = lastHeard
             dispatch { $0.received(message, on: connection) }
 
         case .ping:
-            guard state == .open else { return }
+            // A pong is queued like a message: a client that pings but does not read is a slow
+            // consumer like any other (else its pongs would pile up without bound).
+            guard state == .open, let context, admit(context) else { return }
             write(.pong, payload)
             needsFlush = true
 
@@ -166,6 +171,14 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         default:
             throw ProtocolFailure(code: ProtocolFailure.protocolError, reason: "unknown opcode \(frame.opcode)")
         }
+    }
+
+    /// The payload so far of a frame still arriving: text is validated as it comes (Autobahn
+    /// 6.4.x), so invalid UTF-8 fails the connection without waiting for the rest of the frame.
+    /// What only the whole frame can tell (masking, reserved bits, order) is judged by `receive`.
+    private func receivePartial(_ frame: ClientFrame) throws(ProtocolFailure) {
+        guard state == .open, frame.masked, !frame.rsv2, !frame.rsv3 else { return }
+        try assembler.validatePartial(opcode: frame.opcode, compressed: frame.rsv1, data: frame.payload)
     }
 
     private func receiveClose(_ payload: ByteBuffer) throws(ProtocolFailure) {
@@ -224,11 +237,23 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     private func writeCloseAndShutdown(_ payload: ByteBuffer) {
         guard let context else { return }
         state = .closed
+        guard writable else {
+            // Over the bound already: the frame would wait behind bytes the client does not
+            // read, holding the connection. Best effort, then the TCP connection goes.
+            write(.connectionClose, payload)
+            output.context?.flush()
+            context.close(promise: nil)
+            return
+        }
         let loopContext = context.loopBound
         let written = context.eventLoop.makePromise(of: Void.self)
         write(.connectionClose, payload, promise: written)
         output.context?.flush()
         written.futureResult.whenComplete { _ in loopContext.value.close(promise: nil) }
+        // And should the client stop reading before the frame is out, not for longer than this.
+        closeTimeout = context.eventLoop.assumeIsolated().scheduleTask(in: configuration.closeTimeout) {
+            loopContext.value.close(promise: nil)
+        }
     }
 
     private static func closePayload(code: UInt16, reason: String, allocator: ByteBufferAllocator) -> ByteBuffer {
@@ -241,10 +266,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     // MARK: what the application asks for
 
     func send(_ data: ByteBuffer, binary: Bool) -> Bool {
-        guard state == .open, let context else { return false }
-        if !writable || dropping {
-            return slowConsumer(context: context)
-        }
+        guard state == .open, let context, admit(context) else { return false }
         let opcode: WebSocketOpcode = binary ? .binary : .text
         if let deflate, data.readableBytes >= configuration.compressionThreshold,
            let compressed = try? loop.deflate.compress(data, windowBits: deflate.serverWindowBits, allocator: context.channel.allocator) {
@@ -256,13 +278,17 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         return true
     }
 
-    /// The client does not read what is sent to it and its queue is over the limit.
-    private func slowConsumer(context: ChannelHandlerContext) -> Bool {
+    /// Whether one more frame (a message or a pong) may be queued. Not while the channel is not
+    /// writable: what is queued for the client is over `maxOutboundBytes` (the high water mark),
+    /// so it is a slow consumer and its policy applies (`close`: 1008 and the TCP connection
+    /// closes; `drop`: the frame is dropped until the queue drains below half the bound).
+    private func admit(_ context: ChannelHandlerContext) -> Bool {
+        if writable { return true }
         switch configuration.slowConsumerPolicy {
         case .drop:
-            dropping = !writable
-            if dropping { loop.logger.debug("connection \(id): slow consumer, message dropped") }
-            return !dropping
+            if !dropping { loop.logger.debug("connection \(id): slow consumer, dropping what is sent to it") }
+            dropping = true
+            return false
         case .close:
             loop.logger.info("connection \(id): slow consumer (over \(configuration.maxOutboundBytes) bytes queued), closing with 1008")
             state = .closed
@@ -325,6 +351,10 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         }
         if pingSentAt == nil, now >= lastHeard + configuration.pingInterval {
             pingSentAt = now
+            // Not queued behind bytes the client does not read (that would grow the queue by a
+            // ping per interval forever): the pong timeout runs all the same, and drops it if it
+            // stays silent.
+            guard writable else { return }
             write(.ping, context.channel.allocator.buffer(capacity: 0))
             output.context?.flush()
         }

@@ -7,8 +7,18 @@ import NIOWebSocket
 /// Answers the HTTP requests that are not WebSocket upgrades: files from the public folder
 /// (`/` is `index.html`), 426 for plain requests to a WebSocket path, 400 for a broken handshake,
 /// 404 and 405 otherwise. Never serves anything outside the public folder.
-final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
+///
+/// Pipelined requests do not pile up responses: NIO's HTTPServerPipelineHandler hands over the
+/// next request as soon as a response is *written*, not sent, so a client that pipelines
+/// thousands of requests for a big file and reads nothing would have them all answered into
+/// memory. Instead, a request that arrives while the channel is not writable (what is queued
+/// for the client is over `maxOutboundBytes`) is held, and answered when the channel is writable
+/// again (below half of it). At most one request is held: NIO's handler delivers no other until
+/// this one is answered, and reads no more from the socket meanwhile (this handler also keeps
+/// back the `read()`s that reach it, so nothing is read while it holds one).
+final class HTTPHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundIn = HTTPServerResponsePart
     typealias OutboundOut = HTTPServerResponsePart
 
     private let configuration: ServerConfiguration
@@ -17,6 +27,10 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var head: HTTPRequestHead?
     /// Closes the connection if no complete request comes in time (armed between requests).
     private var timeout: Scheduled<Void>?
+    /// A complete request not answered yet because the client has not read the previous answers.
+    private var held: HTTPRequestHead?
+    /// A `read()` kept back while a request is held.
+    private var readPending = false
 
     init(configuration: ServerConfiguration, files: StaticFiles?, counter: ConnectionCounter) {
         self.configuration = configuration
@@ -31,6 +45,11 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     func handlerRemoved(context: ChannelHandlerContext) {
         timeout?.cancel()
         timeout = nil
+        held = nil
+        if readPending {
+            readPending = false
+            context.read()
+        }
     }
 
     private func armTimeout(context: ChannelHandlerContext) {
@@ -56,8 +75,36 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             guard let head else { return }
             self.head = nil
             timeout?.cancel()
-            respond(to: head, context: context)
+            if held == nil && context.channel.isWritable {
+                respond(to: head, context: context)
+            } else if held == nil {
+                held = head
+            } else {
+                // A second request while one is held: NIO's pipeline handler never delivers
+                // one, but should it, hold no more than one.
+                context.close(promise: nil)
+            }
         }
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if held != nil {
+            readPending = true
+        } else {
+            context.read()
+        }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable, let head = held {
+            held = nil
+            respond(to: head, context: context)
+            if held == nil && readPending {
+                readPending = false
+                context.read()
+            }
+        }
+        context.fireChannelWritabilityChanged()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
@@ -68,7 +115,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func respond(to head: HTTPRequestHead, context: ChannelHandlerContext) {
-        let path = String(head.uri.prefix { $0 != "?" && $0 != "#" })
+        let path = head.pathAndQuery.path
         if configuration.webSocketPaths.contains(path) {
             let version = head.headers["Sec-WebSocket-Version"].first
             if !Self.originAllowed(head, configuration) {

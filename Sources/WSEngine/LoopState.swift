@@ -36,8 +36,24 @@ final class LoopState {
         }
     }
 
-    func stopSweep() {
+    /// Stops the sweep and closes every connection of the loop with `code` (those already
+    /// closing just close); completes, on this loop, when all are closed. Clients that have not
+    /// answered within `grace` are disconnected.
+    func closeAll(code: UInt16, reason: String, grace: TimeAmount) -> EventLoopFuture<Void> {
         sweep?.cancel()
+        sweep = nil
+        let closed = connections.values.map { handler in
+            let closed = handler.closeFuture
+            if !handler.connection.close(code: code, reason: reason) { handler.closeNow() }
+            return closed
+        }
+        let all = EventLoopFuture.andAllComplete(closed, on: eventLoop)
+        let state = NIOLoopBound(self, eventLoop: eventLoop)
+        let deadline = eventLoop.assumeIsolated().scheduleTask(in: grace) {
+            for handler in state.value.connections.values { handler.closeNow() }
+        }
+        all.whenComplete { _ in deadline.cancel() }
+        return all
     }
 
     func makeID() -> Int64 {

@@ -31,13 +31,19 @@ struct ProtocolFailure: Error, Equatable {
 /// bounding the size. Control frames never pass through here, so a ping between two fragments
 /// does not disturb the message being assembled.
 ///
-/// Invariant: `kind` is nil exactly when no fragmented message is in progress.
+/// Text is validated as it arrives down to the byte: frame by frame, and within a frame that is
+/// still arriving, piece by piece (`validatePartial`), so invalid UTF-8 fails the connection as
+/// soon as the byte that makes it invalid is in, not when its frame or message ends.
+///
+/// Invariants: `kind` is nil exactly when no fragmented message is in progress;
+/// `validatedPrefix` bytes of the next data frame have been validated already.
 struct MessageAssembler {
     private let maxMessageSize: Int
     private var kind: WebSocketMessage.Kind?
     private var compressed = false
     private var buffer: ByteBuffer?
     private var utf8 = UTF8Validator()
+    private var validatedPrefix = 0
 
     init(maxMessageSize: Int) {
         self.maxMessageSize = maxMessageSize
@@ -57,7 +63,7 @@ struct MessageAssembler {
             }
             let newKind: WebSocketMessage.Kind = opcode == .text ? .text : .binary
             try checkSize(data.readableBytes)
-            if newKind == .text && !rsv1 { try validate(data, final: fin) }
+            if newKind == .text && !rsv1 { try validateRest(data, final: fin) }
             if fin { return AssembledMessage(kind: newKind, data: data, compressed: rsv1) }
             kind = newKind
             compressed = rsv1
@@ -69,7 +75,7 @@ struct MessageAssembler {
                 throw ProtocolFailure(code: ProtocolFailure.protocolError, reason: "continuation frame with no message to continue")
             }
             try checkSize(assembled.readableBytes + data.readableBytes)
-            if current == .text && !compressed { try validate(data, final: fin) }
+            if current == .text && !compressed { try validateRest(data, final: fin) }
             buffer = nil  // keep `assembled` uniquely referenced so the append does not copy it
             var piece = data
             assembled.writeBuffer(&piece)
@@ -98,6 +104,29 @@ struct MessageAssembler {
         guard data.withUnsafeReadableBytes({ utf8.validate($0) }), utf8.isComplete else {
             throw ProtocolFailure(code: ProtocolFailure.invalidData, reason: "text message is not valid UTF-8")
         }
+    }
+
+    /// Takes the first bytes of a data frame whose end has not arrived (`FrameParser`'s
+    /// `partial`): validated now if the frame is uncompressed text that starts or continues a
+    /// message as it should; anything else waits for the whole frame, which `append` judges.
+    mutating func validatePartial(opcode: WebSocketOpcode, compressed rsv1: Bool, data: ByteBuffer) throws(ProtocolFailure) {
+        let text: Bool
+        switch opcode {
+        case .text: text = kind == nil && !rsv1
+        case .continuation: text = kind == .text && !compressed && !rsv1
+        default: text = false
+        }
+        guard text else { return }
+        try validate(data, final: false)
+        validatedPrefix += data.readableBytes
+    }
+
+    /// Validates a whole frame's payload but for the prefix `validatePartial` already took.
+    private mutating func validateRest(_ data: ByteBuffer, final: Bool) throws(ProtocolFailure) {
+        var rest = data
+        rest.moveReaderIndex(forwardBy: min(validatedPrefix, rest.readableBytes))
+        validatedPrefix = 0
+        try validate(rest, final: final)
     }
 
     private mutating func validate(_ data: ByteBuffer, final: Bool) throws(ProtocolFailure) {

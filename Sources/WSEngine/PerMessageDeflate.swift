@@ -64,6 +64,20 @@ struct DeflateParameters: Equatable, Sendable {
     }
 }
 
+extension ServerConfiguration {
+    /// How many bytes a compressed message of `compressedBytes` may inflate to.
+    ///
+    /// Why a floor: it cannot make an attack cheaper (a message of floor/1000 compressed bytes
+    /// inflates ~1000:1 whatever the floor is, since zlib tops out there), it only caps the work
+    /// one message may cost (1 MiB inflates in a few ms); while without it ordinary repetitive
+    /// messages would be refused (a sentence repeated over 225 KB compresses 312:1).
+    func inflateLimit(compressedBytes: Int) -> Int {
+        guard maxCompressedRatio > 0 else { return maxMessageSize }
+        let (scaled, overflow) = compressedBytes.multipliedReportingOverflow(by: maxCompressedRatio)
+        return min(maxMessageSize, max(overflow ? Int.max : scaled, Self.inflateFloor))
+    }
+}
+
 /// The zlib streams of one event loop; made on first use.
 final class DeflateStreams {
     private var compressors: [Int32: ZlibCompressor] = [:]
@@ -92,7 +106,8 @@ final class DeflateStreams {
         return output
     }
 
-    /// Decompresses one whole message; refuses to produce more than `limit` bytes.
+    /// Decompresses one whole message; refuses to produce more than `limit` bytes, and stops
+    /// inflating as soon as it has produced more (the output never grows past `limit + 1`).
     func decompress(_ message: ByteBuffer, limit: Int, allocator: ByteBufferAllocator) throws(ProtocolFailure) -> ByteBuffer {
         do {
             let inflater = try decompressor ?? {
@@ -112,7 +127,8 @@ final class DeflateStreams {
                     break
                 } catch let error as CompressNIOError where error == .bufferOverflow {
                     if output.readableBytes > limit { throw ProtocolFailure(code: ProtocolFailure.tooLarge, reason: "message inflates past \(limit) bytes") }
-                    output.reserveCapacity(minimumWritableBytes: max(output.readableBytes, 4096))
+                    // Double, but only up to one byte past the limit: that byte is enough to refuse.
+                    output.reserveCapacity(minimumWritableBytes: min(max(output.readableBytes, 4096), limit + 1 - output.readableBytes))
                 } catch let error as CompressNIOError where error == .inputBufferOverflow {
                     break  // all input consumed
                 }

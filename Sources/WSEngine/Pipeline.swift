@@ -73,16 +73,38 @@ struct Handshake {
     var subprotocol: String?
 
     init?(_ head: HTTPRequestHead, configuration: ServerConfiguration, application: WebSocketApplication) {
-        let path = String(head.uri.prefix { $0 != "?" && $0 != "#" })
+        let path = head.pathAndQuery.path
         // RFC 6455 §4.1: the handshake is an HTTP/1.1 GET.
+        let keys = head.headers["Sec-WebSocket-Key"]
         guard configuration.webSocketPaths.contains(path), head.method == .GET,
               head.version.major == 1 && head.version.minor >= 1,
+              keys.count == 1, Self.isNonce(keys[0]),
               HTTPHandler.originAllowed(head, configuration)
         else { return nil }
         deflate = configuration.compression ? DeflateParameters.negotiate(head.headers) : nil
         let offered = WebSocketRequest.offeredSubprotocols(head.headers)
         if !offered.isEmpty, let chosen = application.subprotocol(offered: offered, path: path), offered.contains(chosen) {
             subprotocol = chosen
+        }
+    }
+
+    /// RFC 6455 §4.2.1: `Sec-WebSocket-Key` is a 16-byte nonce in base64, so exactly 22
+    /// characters of the base64 alphabet and `==`. (The 2 bits the last character carries past
+    /// the 16 bytes are not checked: decoders ignore them.) Anything else is not a WebSocket
+    /// client, and a key that does not decode would otherwise be hashed into the accept header as is.
+    static func isNonce(_ key: String) -> Bool {
+        var bytes = key.utf8[...]
+        while let first = bytes.first, first == UInt8(ascii: " ") || first == UInt8(ascii: "\t") { bytes = bytes.dropFirst() }
+        while let last = bytes.last, last == UInt8(ascii: " ") || last == UInt8(ascii: "\t") { bytes = bytes.dropLast() }
+        guard bytes.count == 24, bytes.suffix(2).elementsEqual("==".utf8) else { return false }
+        return bytes.prefix(22).allSatisfy { byte in
+            switch byte {
+            case UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "a")...UInt8(ascii: "z"),
+                 UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "+"), UInt8(ascii: "/"):
+                return true
+            default:
+                return false
+            }
         }
     }
 

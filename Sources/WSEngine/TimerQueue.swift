@@ -30,8 +30,6 @@ final class TimerQueue {
         self.eventLoop = eventLoop
     }
 
-    var count: Int { heap.count }
-
     func add(due: NIODeadline, handler: WebSocketConnectionHandler, timer: Int, generation: Int) {
         live += 1
         heap.append(Entry(due: due, handler: handler, timer: timer, generation: generation))

@@ -84,25 +84,24 @@ public final class WebSocketServer: Sendable {
 
     /// Stops accepting, closes every connection with `code` (1001, going away, by default),
     /// waits up to `grace` for the closing handshakes, then stops the event loops.
+    ///
+    /// Nothing may reach a loop after it stopped (NIO prints "Cannot schedule tasks on an
+    /// EventLoop that has already shut down"): so no future here completes on one loop while
+    /// another waits on it (each loop closes and waits for its own connections, timer included,
+    /// and this task awaits the loops), and the thread pool, whose file reads complete on the
+    /// loops, stops before they do.
     public func shutdown(code: UInt16 = 1001, reason: String = "server shutting down", grace: TimeAmount = .seconds(2)) async {
         try? await serverChannel.close()
-        var closing: [EventLoopFuture<Void>] = []
-        for loop in group.makeIterator() {
-            guard let state = loops[ObjectIdentifier(loop)] else { continue }
-            let done = loop.submit { () -> [EventLoopFuture<Void>] in
-                state.value.connections.values.map { handler in
-                    let closed = handler.closeFuture
-                    if handler.connection.close(code: code, reason: reason) == false { handler.closeNow() }
-                    return closed
+        await withTaskGroup(of: Void.self) { tasks in
+            for loop in group.makeIterator() {
+                guard let state = loops[ObjectIdentifier(loop)] else { continue }
+                tasks.addTask {
+                    try? await loop.flatSubmit { state.value.closeAll(code: code, reason: reason, grace: grace) }.get()
                 }
-            }.flatMap { EventLoopFuture.andAllComplete($0, on: loop) }
-            closing.append(done)
+            }
         }
-        let all = EventLoopFuture.andAllComplete(closing, on: group.next())
-        let timeout = group.next().scheduleTask(in: grace) {}
-        _ = try? await all.or(timeout.futureResult).get()
-        try? await group.shutdownGracefully()
         try? await threadPool.shutdownGracefully()
+        try? await group.shutdownGracefully()
     }
 }
 
@@ -133,22 +132,7 @@ extension WebSocketRequest {
     }
 
     init(head: HTTPRequestHead, remoteAddress: SocketAddress?) {
-        let uri = head.uri
-        let pathEnd = uri.firstIndex { $0 == "?" || $0 == "#" } ?? uri.endIndex
-        var query = ""
-        if pathEnd < uri.endIndex, uri[pathEnd] == "?" {
-            query = String(uri[uri.index(after: pathEnd)...].prefix { $0 != "#" })
-        }
-        self.init(path: String(uri[..<pathEnd]), query: query, headers: head.headers, remoteAddress: remoteAddress?.description, subprotocol: nil)
-    }
-}
-
-extension EventLoopFuture where Value == Void {
-    /// Completes when either completes.
-    fileprivate func or(_ other: EventLoopFuture<Void>) -> EventLoopFuture<Void> {
-        let promise = eventLoop.makePromise(of: Void.self)
-        self.whenComplete { _ in promise.succeed() }
-        other.whenComplete { _ in promise.succeed() }
-        return promise.futureResult
+        let (path, query) = head.pathAndQuery
+        self.init(path: path, query: query, headers: head.headers, remoteAddress: remoteAddress?.description, subprotocol: nil)
     }
 }

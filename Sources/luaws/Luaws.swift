@@ -100,6 +100,9 @@ struct Serve: AsyncParsableCommand {
     @Flag(inversion: .prefixedNo, help: "Offer permessage-deflate compression (RFC 7692).")
     var compression = true
 
+    @Option(help: "A compressed message may inflate to this many times its size, or to 1 MiB (larger: closed with 1009; 0 = no ratio limit).")
+    var maxCompressedRatio = ServerConfiguration().maxCompressedRatio
+
     @Flag(help: .hidden)
     var builtinEcho = false
 
@@ -153,6 +156,7 @@ struct Serve: AsyncParsableCommand {
         configuration.maxMessageSize = maxMessageSize
         configuration.maxFrameSize = maxMessageSize
         configuration.compression = compression
+        configuration.maxCompressedRatio = maxCompressedRatio
         configuration.allowedOrigins = allowedOrigins.isEmpty ? nil : Set(allowedOrigins)
         configuration.maxConnections = maxConnections
         configuration.handshakeTimeout = .seconds(handshakeTimeout)

@@ -80,4 +80,36 @@ final class FrameParserTests: XCTestCase {
         XCTAssertEqual(frames.first?.masked, false)
         XCTAssertEqual(frames.first.map { String(buffer: $0.payload) }, "hi")
     }
+
+    func testPartialPayloadIsUnmaskedOnceAndWholeFramesStayIntact() throws {
+        let payload = (0..<300).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 1) }
+        let bytes = frame(0x1, Array("ok".utf8)) + frame(0x2, payload, key: [0x9A, 0x3C, 0x55, 0xE1]) + frame(0x9, [1])
+        for first in stride(from: 1, to: bytes.count, by: 7) {
+            for second in stride(from: first, to: bytes.count, by: 13) {
+                var parser = FrameParser(maxFrameSize: 1 << 20)
+                var partial: [UInt8] = []
+                var frames: [ClientFrame] = []
+                for chunk in [bytes[..<first], bytes[first..<second], bytes[second...]] {
+                    try parser.parse(ByteBuffer(bytes: chunk), partial: { piece in
+                        if piece.opcode == .binary { partial += piece.payload.readableBytesView }
+                    }) { frame in
+                        frames.append(frame)
+                        return true
+                    }
+                }
+                XCTAssertEqual(frames.map(\.opcode), [.text, .binary, .ping], "cuts \(first) \(second)")
+                XCTAssertEqual(Array(frames[1].payload.readableBytesView), payload, "cuts \(first) \(second)")
+                XCTAssertEqual(partial, Array(payload.prefix(partial.count)), "cuts \(first) \(second): partial bytes are the payload's start")
+            }
+        }
+    }
+
+    func testRotatedKeyUnmasksFromAnyOffset() {
+        let key: UInt32 = 0x4433_2211  // bytes 11 22 33 44 as read
+        for offset in 0..<8 {
+            var bytes = [UInt8](repeating: 0, count: 4)
+            bytes.withUnsafeMutableBytes { FrameParser.unmask($0, key: FrameParser.rotate(key, by: offset)) }
+            XCTAssertEqual(bytes, (0..<4).map { [0x11, 0x22, 0x33, 0x44][($0 + offset) % 4] }, "offset \(offset)")
+        }
+    }
 }

@@ -1,5 +1,5 @@
 import Foundation
-import WSEngine
+import WSEngineTesting
 import XCTest
 
 /// Replays the fuzz corpus (Tests/fuzz-corpus: seeds and every crash the fuzzer ever found)
@@ -48,6 +48,10 @@ final class FuzzCorpusTests: XCTestCase {
         XCTAssertEqual(closeCode(try run("frames_unmasked").written), 1002)
         XCTAssertEqual(closeCode(try run("frames_rsv2").written), 1002)
         XCTAssertEqual(closeCode(try run("frames_bad_utf8").written), 1007)
+        // A text frame declaring 1000 bytes whose first 10 are not UTF-8 (fed a byte at a time).
+        let partial = try run("frames_partial_bad_utf8")
+        XCTAssertEqual(closeCode(partial.written), 1007)
+        XCTAssertTrue(partial.closed)
         XCTAssertEqual(closeCode(try run("frames_compressed_garbage").written), 1007)
         XCTAssertEqual(closeCode(try run("frames_huge_declared_length").written), 1009)
         XCTAssertEqual(closeCode(try run("frames_close_bad_code").written), 1002)
@@ -55,6 +59,7 @@ final class FuzzCorpusTests: XCTestCase {
         let compressed = try run("frames_compressed_fragmented")
         XCTAssertNil(closeCode(compressed.written))
         XCTAssertTrue(String(decoding: try run("http_bad_version").written, as: UTF8.self).hasPrefix("HTTP/1.1 426"))
+        XCTAssertTrue(String(decoding: try run("http_short_key").written, as: UTF8.self).hasPrefix("HTTP/1.1 400"))
         // Found by the fuzzer: an extension parameter with no name once crashed the server.
         let regression = String(decoding: try run("http_regression_extension_param_without_name").written, as: UTF8.self)
         XCTAssertTrue(regression.hasPrefix("HTTP/1.1 101"), regression)

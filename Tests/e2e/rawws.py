@@ -7,16 +7,26 @@ import struct
 
 
 class RawClient:
-    def __init__(self, port, path="/ws", timeout=5):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port, path="/ws", timeout=5, rcvbuf=None, extensions=None):
+        """`rcvbuf`: SO_RCVBUF set before connecting (a small one makes a client that does not
+        read fill up quickly). `extensions`: a Sec-WebSocket-Extensions offer."""
+        if rcvbuf is None:
+            self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        else:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self.sock.settimeout(timeout)
+            self.sock.connect(("127.0.0.1", port))
         key = base64.b64encode(os.urandom(16)).decode()
+        offer = f"Sec-WebSocket-Extensions: {extensions}\r\n" if extensions else ""
         self.sock.sendall(
             f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n".encode()
         )
         self.buffer = b""
         head = self._read_until(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 101"), head
+        self.response_head = head.decode("latin-1")
 
     def _read_until(self, marker):
         while marker not in self.buffer:

@@ -1,6 +1,5 @@
-import Logging
 import NIOCore
-import NIOEmbedded
+import WSEngine
 
 /// Runs arbitrary bytes from a "client" through a fresh server pipeline on an EmbeddedChannel:
 /// the target of the fuzzer (`Sources/LuaWSFuzz`) and of the regression corpus tests.
@@ -39,42 +38,32 @@ public enum FuzzHarness {
     /// exercise frames split across reads). With `withHandshake`, a valid handshake goes first.
     @discardableResult
     public static func run(_ input: [UInt8], withHandshake: Bool) -> Outcome {
-        let loop = EmbeddedEventLoop()
         var configuration = ServerConfiguration()
         configuration.maxMessageSize = 1 << 16
         configuration.maxFrameSize = 1 << 16
         configuration.compressionThreshold = 8
-        let logger = Logger(label: "fuzz", factory: { _ in SwiftLogNoOpLogHandler() })
-        let state = LoopState(index: 0, eventLoop: loop, application: EchoApplication(), logger: logger, compressionLevel: 1)
-        let pipeline = ServerPipeline(configuration: configuration, files: nil, loops: [ObjectIdentifier(loop): NIOLoopBound(state, eventLoop: loop)])
-        let channel = EmbeddedChannel(loop: loop)
+        configuration.compressionLevel = 1
         var outcome = Outcome(written: [], closed: false)
+        guard let server = try? EmbeddedServer(configuration: configuration, application: EchoApplication()) else {
+            return outcome
+        }
         do {
-            try pipeline.configure(channel)
-            try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 9)).wait()
             let bytes = (withHandshake ? handshake : []) + input
             let piece = max(1, Int(input.first ?? 0) % 64 == 0 ? bytes.count : Int(input.first ?? 0) % 64)
             var offset = 0
-            while offset < bytes.count, channel.isActive {
+            while offset < bytes.count, server.isActive {
                 let end = min(bytes.count, offset + piece)
-                try channel.writeInbound(ByteBuffer(bytes: bytes[offset..<end]))
+                try server.feed(Array(bytes[offset..<end]))
                 offset = end
-                loop.advanceTime(by: .milliseconds(2))
-                drain(channel, into: &outcome.written)
+                server.advanceTime(by: .milliseconds(2))
+                outcome.written += server.written()
             }
         } catch {
             // A pipeline error (the channel closed under us): the bytes were refused. Fine.
         }
-        drain(channel, into: &outcome.written)
-        outcome.closed = !channel.isActive
-        _ = try? channel.finish(acceptAlreadyClosed: true)
-        try? loop.syncShutdownGracefully()
+        outcome.written += server.written()
+        outcome.closed = !server.isActive
+        server.finish()
         return outcome
-    }
-
-    private static func drain(_ channel: EmbeddedChannel, into written: inout [UInt8]) {
-        while let data = try? channel.readOutbound(as: IOData.self) {
-            if case .byteBuffer(let buffer) = data { written += buffer.readableBytesView }
-        }
     }
 }
