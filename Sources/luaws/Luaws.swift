@@ -172,12 +172,13 @@ struct Serve: AsyncParsableCommand {
         let names = plugins.plugins.map(\.name).joined(separator: ", ")
         let port = server.localAddress?.port ?? port
         logger.info("plugins: \(names.isEmpty ? "(none)" : names)")
+        // Watching starts before the banner, so that a change made as soon as it is out is seen.
+        let reloader = Reloader(scripts: scripts, cluster: cluster, logger: logger)
+        reloader.watchFiles()
         // The first line on stdout says where to connect; tests read the port from it.
         let banner = "luaws listening on http://\(host):\(port) (WebSocket paths: \(webSocketPaths.joined(separator: " ")))\n"
         FileHandle.standardOutput.write(Data(banner.utf8))
 
-        let reloader = Reloader(scripts: scripts, cluster: cluster, logger: logger)
-        reloader.watchFiles()
         let reloading = Task { await reloader.run() }
 
         for await signal in Signals.stream([SIGINT, SIGTERM, SIGHUP]) {
