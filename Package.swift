@@ -53,9 +53,20 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // The bridge between the two: engine events to Lua hooks (and the Swift-only echo).
+        // A library so that the instruction-count benchmark can drive it without the server.
+        .target(
+            name: "LuaWSApp",
+            dependencies: [
+                "ScriptHost",
+                "WSEngine",
+                .product(name: "NIOCore", package: "swift-nio"),
+            ]
+        ),
         .executableTarget(
             name: "luaws",
             dependencies: [
+                "LuaWSApp",
                 "ScriptHost",
                 "WSEngine",
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -67,6 +78,19 @@ let package = Package(
         .executableTarget(
             name: "LuaWSFuzz",
             dependencies: ["WSEngineTesting"]
+        ),
+        // Counts instructions per message under callgrind (see Benchmarks/instructions.sh, which
+        // builds it in release with -enable-testing -DINSTRUCTIONS: it needs WSEngine internals).
+        .executableTarget(
+            name: "LuaWSInstructions",
+            dependencies: [
+                "LuaWSApp",
+                "ScriptHost",
+                "WSEngine",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         .testTarget(
             name: "ScriptHostTests",

@@ -2,6 +2,7 @@ import ArgumentParser
 import Dispatch
 import Foundation
 import Logging
+import LuaWSApp
 import NIOCore
 import ScriptHost
 import WSEngine
@@ -31,7 +32,7 @@ func parseVars(_ items: [String]) -> [String: String] {
 
 extension TimeAmount {
     /// Seconds from a validated option (see `Serve.validate`: finite, positive, at most 1e9).
-    static func seconds(_ value: Double) -> TimeAmount { .nanoseconds(Int64((min(max(value, 0), 1e9) * 1e9).rounded())) }
+    static func seconds(_ value: Double) -> TimeAmount { TimeAmount(seconds: min(max(value, 0), 1e9)) ?? TimeAmount.nanoseconds(1_000_000_000 * 1_000_000_000) }
 }
 
 struct Serve: AsyncParsableCommand {

@@ -3,14 +3,14 @@ import ScriptHost
 import WSEngine
 
 /// Wires one event loop's engine events to that loop's Lua plugins.
-final class LuaApplication: WebSocketApplication {
-    let plugins: PluginHost
+public final class LuaApplication: WebSocketApplication {
+    public let plugins: PluginHost
 
-    init(plugins: PluginHost) {
+    public init(plugins: PluginHost) {
         self.plugins = plugins
     }
 
-    func opened(_ connection: WebSocketConnection, request: WebSocketRequest) {
+    public func opened(_ connection: WebSocketConnection, request: WebSocketRequest) {
         plugins.open(
             EngineConnection(connection),
             id: connection.id,
@@ -18,55 +18,57 @@ final class LuaApplication: WebSocketApplication {
         )
     }
 
-    func received(_ message: WebSocketMessage, on connection: WebSocketConnection) {
+    public func received(_ message: WebSocketMessage, on connection: WebSocketConnection) {
         plugins.message(id: connection.id, data: message.data, binary: message.kind == .binary)
     }
 
-    func idle(_ connection: WebSocketConnection, timer: Int) {
+    public func idle(_ connection: WebSocketConnection, timer: Int) {
         plugins.idle(id: connection.id, timer: timer)
     }
 
-    func closed(_ connection: WebSocketConnection, code: UInt16, reason: String) {
+    public func closed(_ connection: WebSocketConnection, code: UInt16, reason: String) {
         plugins.closed(id: connection.id, code: code, reason: reason)
     }
 
     /// The first protocol in the client's order of preference that some plugin declares.
-    func subprotocol(offered: [String], path: String) -> String? {
+    public func subprotocol(offered: [String], path: String) -> String? {
         let supported = plugins.subprotocols
         return offered.first { supported.contains($0) }
     }
 }
 
 /// The engine's connection as ScriptHost sees it.
-final class EngineConnection: ScriptConnection {
+public final class EngineConnection: ScriptConnection {
     private let connection: WebSocketConnection
 
-    init(_ connection: WebSocketConnection) {
+    public init(_ connection: WebSocketConnection) {
         self.connection = connection
     }
 
-    func send(_ data: ByteBuffer, binary: Bool) -> Bool {
+    public func send(_ data: ByteBuffer, binary: Bool) -> Bool {
         connection.send(data, binary: binary)
     }
 
-    func close(code: UInt16, reason: String) -> Bool {
+    public func close(code: UInt16, reason: String) -> Bool {
         connection.close(code: code, reason: reason)
     }
 
-    func setIdleTimers(_ seconds: [Double]) {
-        // The prelude allows 0.001 to 1e9 seconds; clamped again, since a trap here would end the process.
-        connection.setIdleTimers(seconds.map { .nanoseconds(Int64((min(max($0, 0.001), 1e9) * 1e9).rounded())) })
+    public func setIdleTimers(_ seconds: [Double]) {
+        // The prelude allows 0.001 to 1e9 seconds; checked again, since a trap here would end the process.
+        connection.setIdleTimers(seconds.map { TimeAmount(seconds: min(max($0, 0.001), 1e9)) ?? .seconds(1) })
     }
 }
 
 /// The same echo as scripts/echo.lua, in Swift: `luaws --builtin-echo` (hidden) runs it instead of
 /// the plugins, so that benchmarks can price the Lua call.
-final class BuiltinEcho: WebSocketApplication {
+public final class BuiltinEcho: WebSocketApplication {
     private let prefix = ByteBuffer(string: "Message received: ")
 
-    func opened(_ connection: WebSocketConnection, request: WebSocketRequest) {}
+    public init() {}
 
-    func received(_ message: WebSocketMessage, on connection: WebSocketConnection) {
+    public func opened(_ connection: WebSocketConnection, request: WebSocketRequest) {}
+
+    public func received(_ message: WebSocketMessage, on connection: WebSocketConnection) {
         guard message.kind == .text else { return }
         var reply = ByteBuffer()
         reply.reserveCapacity(prefix.readableBytes + message.data.readableBytes)
@@ -75,6 +77,6 @@ final class BuiltinEcho: WebSocketApplication {
         connection.send(reply)
     }
 
-    func idle(_ connection: WebSocketConnection, timer: Int) {}
-    func closed(_ connection: WebSocketConnection, code: UInt16, reason: String) {}
+    public func idle(_ connection: WebSocketConnection, timer: Int) {}
+    public func closed(_ connection: WebSocketConnection, code: UInt16, reason: String) {}
 }
