@@ -131,6 +131,14 @@ function luaws.after(seconds, fn) end
 ---@return luaws.Timer
 function luaws.every(seconds, fn) end
 
+---Suspends the running hook for `seconds` (0 to 1e9) and returns true. The event loop serves
+---other connections meanwhile; this connection's later events wait their turn (in order).
+---Only in hooks, routes and timer callbacks: not at a plugin's top level, nor inside a
+---coroutine the script created.
+---@param seconds number
+---@return true
+function luaws.sleep(seconds) end
+
 ---Sends `text` (valid UTF-8) to every subscriber of `channel`, on every event loop. Raises an
 ---error while more than 64 MiB of messages wait to reach the event loops.
 ---@param channel string

@@ -485,10 +485,17 @@ static int luaws_core_wait(lua_State *L) {
     luaws_host *h = luaws_host_of(L);
     luaL_checkinteger(L, 1);
     if (lua_gettop(L) > LUAWS_MAX_COMMAND_ARGS + 1) return luaL_error(L, "too many arguments");
+    const char *refusal = NULL;
     if (h->hook_thread == NULL)
-        return luaL_error(L, "waiting calls (luaws.sleep, luaws.http, luaws.redis) are only available in hooks, routes and timer callbacks, not at a plugin's top level");
-    if (L != h->hook_thread || !lua_isyieldable(L))
-        return luaL_error(L, "waiting calls cannot be made inside a coroutine the script created, nor inside a C function such as table.sort's comparator or string.gsub's replacement");
+        refusal = "waiting calls (luaws.sleep, luaws.http, luaws.redis) are only available in hooks, routes and timer callbacks, not at a plugin's top level";
+    else if (L != h->hook_thread || !lua_isyieldable(L))
+        refusal = "waiting calls cannot be made inside a coroutine the script created, nor inside a C function such as table.sort's comparator or string.gsub's replacement";
+    if (refusal) {
+        luaws_where_script(L);   /* at the script's line, not the prelude wrapper's */
+        lua_pushstring(L, refusal);
+        lua_concat(L, 2);
+        return lua_error(L);
+    }
     return lua_yield(L, lua_gettop(L));
 }
 

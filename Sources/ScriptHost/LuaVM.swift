@@ -262,6 +262,8 @@ final class LuaVM {
     struct Thread {
         fileprivate let state: OpaquePointer
         fileprivate let ref: Int32
+
+        func isSame(as other: Thread) -> Bool { ref == other.ref }
     }
 
     /// What running (or resuming) a hook did.

@@ -11,6 +11,13 @@ public protocol ScriptConnection: AnyObject {
     /// The connection's idle timers, in seconds, by index: each fires after that long without a
     /// message from the client (and again after each firing); `PluginHost.idle` gets the index.
     func setIdleTimers(_ seconds: [Double])
+    /// Stops (false) or restarts (true) reading from the client: while a hook waits and too
+    /// many of the connection's messages queue behind it, TCP holds the rest.
+    func setReading(_ reading: Bool)
+}
+
+extension ScriptConnection {
+    public func setReading(_ reading: Bool) {}
 }
 
 /// What the opening request said, as plugins see it in `conn.path`, `conn.query`, `conn.headers`.
@@ -49,6 +56,68 @@ public final class PluginHost {
         let path: String
         var channels: Set<String> = []
         var timers: Set<Int64> = []
+        /// A hook of this connection is suspended: its later events wait in `waiting`.
+        var busy = false
+        var waiting = CircularBuffer<ConnectionEvent>()
+        /// Payload bytes of the messages in `waiting`.
+        var waitingBytes = 0
+        /// Reading from the client is paused because too much waits.
+        var readingPaused = false
+    }
+
+    /// What happens to one connection, run through its plugins' hooks one event at a time, in
+    /// arrival order, even while a hook waits.
+    private enum ConnectionEvent {
+        case open
+        case message(ByteBuffer, binary: Bool)
+        case idle(timer: Int)
+        /// One of the connection's own timers (`conn:after`, `conn:every`).
+        case timer(Int64)
+        case reload
+        case close(code: UInt16, reason: String)
+
+        var hookName: String {
+            switch self {
+            case .open: "on_open"
+            case .message: "on_message"
+            case .idle: "on_idle"
+            case .timer: "timer"
+            case .reload: "on_reload"
+            case .close: "on_close"
+            }
+        }
+    }
+
+    /// A hook that waits: where its event stands in its chain, and the coroutine it waits in.
+    private final class Suspension {
+        /// Its connection, or 0 for a plugin timer's callback.
+        let connection: Int64
+        let ref: Int32
+        let event: ConnectionEvent
+        /// Position in the event's chain of the hook that waits.
+        let index: Int
+        /// The plugin set the chain belongs to: if it was replaced meanwhile, the rest of the
+        /// chain does not run (its functions are gone).
+        let generation: Int
+        let plugin: LoadedPlugins.Plugin?
+        let thread: LuaVM.Thread
+        var timeout: Scheduled<Void>?
+
+        init(connection: Int64, ref: Int32, event: ConnectionEvent, index: Int, generation: Int, plugin: LoadedPlugins.Plugin?, thread: LuaVM.Thread) {
+            self.connection = connection
+            self.ref = ref
+            self.event = event
+            self.index = index
+            self.generation = generation
+            self.plugin = plugin
+            self.thread = thread
+        }
+    }
+
+    /// What a hook may wait for (`core.wait`'s first argument); the prelude has the same
+    /// numbers (WAIT_*).
+    private enum WaitOperation: Int64 {
+        case sleep = 1
     }
 
     /// A timer scripts started. `task` is nil while it waits for its set to be activated.
@@ -89,6 +158,14 @@ public final class PluginHost {
     /// closes another connection, say) wait here until it returns.
     private var depth = 0
     private var deferred: [Event] = []
+    /// The coroutine the next hook runs in; a hook that waits takes it along.
+    private var readyThread: LuaVM.Thread?
+    /// Coroutines whose hooks are done, for reuse.
+    private var spareThreads: [LuaVM.Thread] = []
+    /// Hooks that wait, by operation.
+    private var suspensions: [Int64: Suspension] = [:]
+    private var nextOperation: Int64 = 0
+    private let limits: ScriptLimits
 
     // Prelude functions, as registry references.
     private let fnNewSet, fnAddPlugin, fnPluginField, fnNewConn, fnFireTimer, fnDropConn, fnProtocols, fnRetireSet, fnForgetTimer: Int32
@@ -113,6 +190,7 @@ public final class PluginHost {
         self.cluster = cluster
         self.eventLoop = eventLoop
         self.isPrimary = isPrimary
+        self.limits = limits
         vm = try LuaVM(memoryLimit: limits.memoryLimit, instructionBudget: limits.instructionBudget)
         fnNewSet = try vm.apiFunction("new_set")
         fnAddPlugin = try vm.apiFunction("add_plugin")
@@ -229,11 +307,14 @@ public final class PluginHost {
     /// An event for the plugins. Events that arrive while Lua runs wait in `deferred`.
     private enum Event {
         case open(ScriptConnection, Int64, ScriptRequest)
-        case message(Int64, ByteBuffer, binary: Bool)
-        case idle(Int64, timer: Int)
-        case closed(Int64, code: UInt16, reason: String)
-        case timer(Int64)
+        case connection(Int64, ConnectionEvent)
+        /// A plugin timer (not a connection's) fired.
+        case pluginTimer(Int64)
         case reloaded
+        /// What a waiting hook waited for is here.
+        case resumed(Int64, [LuaArg])
+        /// A waiting hook waited longer than `limits.hookTimeout`.
+        case hookTimedOut(Int64)
     }
 
     public func open(_ handle: ScriptConnection, id: Int64, request: ScriptRequest) {
@@ -241,30 +322,26 @@ public final class PluginHost {
     }
 
     public func message(id: Int64, data: ByteBuffer, binary: Bool) {
-        // The hot path: like deliver(.message(…)) without building the event.
+        // The hot path: like deliver(.connection(id, .message(…))) without building the event.
         guard depth == 0 else {
-            deferred.append(.message(id, data, binary: binary))
+            deferred.append(.connection(id, .message(data, binary: binary)))
             return
         }
         depth = 1
-        handleMessage(id: id, data: data, binary: binary)
+        handle(.message(data, binary: binary), of: id)
         drainDeferred()
         depth = 0
     }
 
-    private func handleMessage(id: Int64, data: ByteBuffer, binary: Bool) {
-        guard let connection = connections[id] else { return }
-        dispatch(.onMessage, connection: connection.ref, payload: data, kind: binary ? "binary" : "text")
-    }
-
     public func idle(id: Int64, timer: Int) {
-        deliver(.idle(id, timer: timer))
+        deliver(.connection(id, .idle(timer: timer)))
     }
 
     /// The connection is gone. `code` is the close code the client sent (1005 if it sent none,
-    /// 1006 if the connection dropped without a close frame).
+    /// 1006 if the connection dropped without a close frame). If one of its hooks waits,
+    /// on_close runs after that hook (and whatever waited behind it), once.
     public func closed(id: Int64, code: UInt16, reason: String) {
-        deliver(.closed(id, code: code, reason: reason))
+        deliver(.connection(id, .close(code: code, reason: reason)))
     }
 
     private func deliver(_ event: Event) {
@@ -303,48 +380,238 @@ public final class PluginHost {
             }
             connections[id] = Connection(handle: handle, ref: ref, path: request.path)
             handle.setIdleTimers(idleTimers)
-            dispatch(.onOpen, connection: ref)
+            self.handle(.open, of: id)
 
-        case .message(let id, let data, let binary):
-            handleMessage(id: id, data: data, binary: binary)
+        case .connection(let id, let event):
+            handle(event, of: id)
 
-        case .idle(let id, let timer):
-            guard let connection = connections[id], timer < active.idleTimerPlugins.count else { return }
-            let plugin = active.plugins[active.idleTimerPlugins[timer]]
-            if let fn = plugin.onIdle {
-                do { _ = try vm.callHook(fn, connection: connection.ref) } catch { report(error, plugin: plugin, hook: "on_idle") }
-            }
-
-        case .closed(let id, let code, let reason):
-            guard let ref = connections[id]?.ref else { return }
-            dispatch(.onClose, [.ref(ref), .int(Int64(code)), .string(reason)])
-            // After on_close, so that it may still look at what it subscribed to; and read
-            // again, so that what on_close itself started (timers, subscriptions) goes too.
-            guard let connection = connections.removeValue(forKey: id) else { return }
-            for channel in connection.channels { unsubscribe(id, from: channel) }
-            for timer in connection.timers { timers.removeValue(forKey: timer)?.task?.cancel() }
-            do { try vm.call(fnDropConn, [.ref(connection.ref)]) } catch { report(error, plugin: nil, hook: "close") }
-            vm.unref(connection.ref)
-
-        case .timer(let timer):
+        case .pluginTimer(let timer):
             guard timers[timer] != nil else { return }
-            do {
-                try vm.call(fnFireTimer, [.int(timer)])
-            } catch {
-                report(error, plugin: nil, hook: "timer")
-            }
+            _ = run(.timer(timer), connection: 0, ref: 0, from: 0)
 
         case .reloaded:
-            for connection in connections.values {
-                dispatch(.onReload, connection: connection.ref)
-            }
+            for id in connections.keys { handle(.reload, of: id) }
+
+        case .resumed(let operation, let results):
+            guard let suspension = suspensions.removeValue(forKey: operation) else { return }  // timed out meanwhile
+            suspension.timeout?.cancel()
+            proceed(suspension, vm.resume(suspension.thread, with: results))
+
+        case .hookTimedOut(let operation):
+            guard let suspension = suspensions.removeValue(forKey: operation) else { return }
+            vm.reset(suspension.thread)
+            discard(suspension.thread)
+            errorCount += 1
+            let seconds = limits.hookTimeout
+            logger.error("script error in \(suspension.plugin?.path ?? "timer") \(suspension.event.hookName): waited longer than \(seconds) s (--hook-timeout); cancelled")
+            finish(suspension, stop: false)
         }
+    }
+
+    // MARK: running hooks
+
+    /// Runs `event` now, or queues it behind the connection's waiting hook.
+    private func handle(_ event: ConnectionEvent, of id: Int64) {
+        guard let connection = connections[id] else { return }
+        if connection.busy {
+            enqueue(event, on: id)
+            return
+        }
+        if run(event, connection: id, ref: connection.ref, from: 0) { done(event, of: id) }
+    }
+
+    /// The functions `event` runs through, in order, with the plugin (index) of each; -1 for
+    /// the prelude's timer dispatcher.
+    private func chain(for event: ConnectionEvent, in set: LoadedPlugins) -> [(plugin: Int, function: Int32)] {
+        switch event {
+        case .open: set.hooks[LoadedPlugins.Hook.onOpen.rawValue]
+        case .message: set.hooks[LoadedPlugins.Hook.onMessage.rawValue]
+        case .close: set.hooks[LoadedPlugins.Hook.onClose.rawValue]
+        case .reload: set.hooks[LoadedPlugins.Hook.onReload.rawValue]
+        case .idle(let timer):
+            timer < set.idleTimerPlugins.count ? set.plugins[set.idleTimerPlugins[timer]].onIdle.map { [(set.idleTimerPlugins[timer], $0)] } ?? [] : []
+        case .timer: [(-1, fnFireTimer)]
+        }
+    }
+
+    /// Runs `event`'s chain from position `start` until a hook returns true, the chain ends, or
+    /// a hook waits. Returns false if a hook waits: the rest runs when it resumes. A hook that
+    /// fails is reported and the next plugin still sees the event. `connection` is 0 for a
+    /// plugin timer (which has no connection and no queue).
+    private func run(_ event: ConnectionEvent, connection id: Int64, ref: Int32, from start: Int) -> Bool {
+        let set = active
+        let functions = chain(for: event, in: set)
+        var index = start
+        while index < functions.count {
+            guard let thread = takeReadyThread() else {
+                errorCount += 1
+                logger.error("script error in \(event.hookName): no memory left for a coroutine")
+                return true
+            }
+            let (plugin, function) = functions[index]
+            let outcome: LuaVM.HookOutcome = switch event {
+            case .message(let data, let binary):
+                vm.runHook(function, in: thread, connection: ref, payload: data, kind: binary ? "binary" : "text")
+            case .open, .reload, .idle:
+                vm.runHook(function, in: thread, connection: ref)
+            case .close(let code, let reason):
+                vm.run(function, in: thread, [.ref(ref), .int(Int64(code)), .string(reason)])
+            case .timer(let timer):
+                vm.run(function, in: thread, [.int(timer)])
+            }
+            switch outcome {
+            case .done(let stop):
+                if stop { return true }
+            case .failed(let error):
+                discard(thread)
+                report(error, plugin: plugin >= 0 ? set.plugins[plugin] : nil, hook: event.hookName)
+            case .suspended(let op, let args):
+                readyThread = nil  // it goes with the waiting hook
+                let suspension = Suspension(
+                    connection: id, ref: ref, event: event, index: index, generation: set.generation,
+                    plugin: plugin >= 0 ? set.plugins[plugin] : nil, thread: thread)
+                if id != 0 { connections[id]?.busy = true }
+                wait(suspension, op: op, args: args)
+                return false
+            }
+            index += 1
+        }
+        return true
+    }
+
+    /// A resumed hook ran again: it waits once more, or it is done and its chain goes on.
+    private func proceed(_ suspension: Suspension, _ outcome: LuaVM.HookOutcome) {
+        switch outcome {
+        case .suspended(let op, let args):
+            wait(suspension, op: op, args: args)
+        case .done(let stop):
+            recycle(suspension.thread)
+            finish(suspension, stop: stop)
+        case .failed(let error):
+            discard(suspension.thread)
+            report(error, plugin: suspension.plugin, hook: suspension.event.hookName)
+            finish(suspension, stop: false)
+        }
+    }
+
+    /// The waiting hook is over: the rest of its chain runs, then the connection's queue.
+    private func finish(_ suspension: Suspension, stop: Bool) {
+        let id = suspension.connection
+        guard id != 0, let connection = connections[id] else { return }
+        connections[id]?.busy = false
+        var completed = true
+        if !stop, suspension.generation == active.generation {
+            completed = run(suspension.event, connection: id, ref: connection.ref, from: suspension.index + 1)
+        }
+        if completed {
+            done(suspension.event, of: id)
+            drainWaiting(of: id)
+        }
+    }
+
+    /// Runs what waited behind a hook, in order, until one waits again.
+    private func drainWaiting(of id: Int64) {
+        while let connection = connections[id], !connection.busy, !connection.waiting.isEmpty {
+            let event = connections[id]!.waiting.removeFirst()
+            if case .message(let data, _) = event { connections[id]!.waitingBytes -= data.readableBytes }
+            resumeReadingIfDrained(id)
+            if run(event, connection: id, ref: connection.ref, from: 0) { done(event, of: id) }
+        }
+    }
+
+    /// Queues `event` behind the connection's waiting hook; past the limits, stops reading
+    /// from the client (TCP back-pressure: nothing is dropped, memory stays bounded).
+    private func enqueue(_ event: ConnectionEvent, on id: Int64) {
+        guard var connection = connections[id] else { return }
+        connection.waiting.append(event)
+        if case .message(let data, _) = event { connection.waitingBytes += data.readableBytes }
+        if !connection.readingPaused,
+           connection.waiting.count >= limits.maxPendingMessages || connection.waitingBytes >= limits.maxPendingBytes {
+            connection.readingPaused = true
+            connection.handle.setReading(false)
+        }
+        connections[id] = connection
+    }
+
+    private func resumeReadingIfDrained(_ id: Int64) {
+        guard let connection = connections[id], connection.readingPaused,
+              connection.waiting.count <= limits.maxPendingMessages / 2, connection.waitingBytes <= limits.maxPendingBytes / 2
+        else { return }
+        connections[id]?.readingPaused = false
+        connection.handle.setReading(true)
+    }
+
+    /// An event has been through its whole chain.
+    private func done(_ event: ConnectionEvent, of id: Int64) {
+        guard case .close = event else { return }
+        // After on_close, so that it may still look at what it subscribed to; and read again,
+        // so that what on_close itself started (timers, subscriptions) goes too.
+        guard let connection = connections.removeValue(forKey: id) else { return }
+        for channel in connection.channels { unsubscribe(id, from: channel) }
+        for timer in connection.timers { timers.removeValue(forKey: timer)?.task?.cancel() }
+        do { try vm.call(fnDropConn, [.ref(connection.ref)]) } catch { report(error, plugin: nil, hook: "close") }
+        vm.unref(connection.ref)
+    }
+
+    /// Starts what a hook waits for; its answer resumes the hook (`Event.resumed`).
+    private func wait(_ suspension: Suspension, op: Int64, args: [LuaValue]) {
+        nextOperation += 1
+        let operation = nextOperation
+        suspensions[operation] = suspension
+        guard let eventLoop else {
+            deliver(.resumed(operation, [.nil, .string("waiting calls need an event loop")]))
+            return
+        }
+        let loopBound = NIOLoopBound(self, eventLoop: eventLoop)
+        suspension.timeout?.cancel()
+        suspension.timeout = eventLoop.scheduleTask(in: .nanoseconds(Int64(limits.hookTimeout * 1e9))) {
+            loopBound.value.deliver(.hookTimedOut(operation))
+        }
+        switch WaitOperation(rawValue: op) {
+        case .sleep:
+            let seconds: Double = switch args.first {
+            case .integer(let n): Double(n)
+            case .number(let n): n
+            default: -1
+            }
+            guard seconds.isFinite, seconds >= 0, seconds <= 1e9 else {
+                deliver(.resumed(operation, [.nil, .string("sleep: bad number of seconds")]))
+                return
+            }
+            eventLoop.scheduleTask(in: .nanoseconds(Int64(seconds * 1e9))) {
+                loopBound.value.deliver(.resumed(operation, [.bool(true)]))
+            }
+        case nil:
+            deliver(.resumed(operation, [.nil, .string("unknown operation \(op)")]))
+        }
+    }
+
+    private func takeReadyThread() -> LuaVM.Thread? {
+        if let readyThread { return readyThread }
+        readyThread = spareThreads.popLast() ?? vm.newThread()
+        return readyThread
+    }
+
+    /// A coroutine whose hook failed is not reused: Lua 5.4.4 leaves hooks disallowed on a
+    /// coroutine that an error raised inside a hook (the budget's) ended, and lua_resetthread
+    /// does not allow them again, so it would run unbudgeted.
+    private func discard(_ thread: LuaVM.Thread) {
+        if let ready = readyThread, ready.isSame(as: thread) { readyThread = nil }
+        vm.release(thread)
+    }
+
+    /// A coroutine whose hook is over goes back to the pool (a few are kept).
+    private func recycle(_ thread: LuaVM.Thread) {
+        if spareThreads.count < 64 { spareThreads.append(thread) } else { vm.release(thread) }
     }
 
     public var connectionCount: Int { connections.count }
 
     /// Timers scripts have running (or waiting for their set) on this loop.
     public var timerCount: Int { timers.count }
+
+    /// Hooks waiting for something on this loop.
+    public var waitingHooks: Int { suspensions.count }
 
     /// What scripts can reach (`luaws`, `luaws.json`, `luaws.shared`, conn methods and fields,
     /// plugin fields), one "group name" pair a line: kept in step with types/luaws.lua by a test.
@@ -400,7 +667,12 @@ public final class PluginHost {
     }
 
     private func timerFired(_ timer: Int64, once: Bool = false) {
-        deliver(.timer(timer))
+        guard let entry = timers[timer] else { return }
+        if entry.connection != 0 {
+            deliver(.connection(entry.connection, .timer(timer)))
+        } else {
+            deliver(.pluginTimer(timer))
+        }
         if once { _ = forgetTimer(timer) }
     }
 
@@ -413,31 +685,6 @@ public final class PluginHost {
         guard let entry = timers.removeValue(forKey: timer) else { return nil }
         if entry.connection != 0 { connections[entry.connection]?.timers.remove(timer) }
         return entry
-    }
-
-    /// Calls `hook` of every plugin that has it, in order, until one returns true. A hook that
-    /// fails is reported and the next plugin still sees the event.
-    private func dispatch(_ hook: LoadedPlugins.Hook, connection: Int32, payload: ByteBuffer? = nil, kind: StaticString? = nil) {
-        let set = active
-        for (index, function) in set.hooks[hook.rawValue] {
-            do {
-                if try vm.callHook(function, connection: connection, payload: payload, kind: kind) { break }
-            } catch {
-                report(error, plugin: set.plugins[index], hook: hook.name)
-            }
-        }
-    }
-
-    /// The same, for a hook whose arguments do not fit `callHook` (on_close).
-    private func dispatch(_ hook: LoadedPlugins.Hook, _ args: [LuaArg]) {
-        let set = active
-        for (index, function) in set.hooks[hook.rawValue] {
-            do {
-                if try vm.call(function, args).truthy { break }
-            } catch {
-                report(error, plugin: set.plugins[index], hook: hook.name)
-            }
-        }
     }
 
     private func report(_ error: Error, plugin: LoadedPlugins.Plugin?, hook: String) {

@@ -93,6 +93,13 @@ public struct ScriptLimits: Sendable {
     /// Bytes of published and broadcast messages waiting to reach the event loops; a publish
     /// past it is an error in the script.
     public var maxPendingDelivery: Int = 64 << 20
+    /// Seconds a hook may wait (luaws.sleep, luaws.http ...) before it is cancelled.
+    public var hookTimeout: Double = 30
+    /// Messages of one connection that may queue behind its waiting hook before reading from
+    /// the client stops …
+    public var maxPendingMessages = 64
+    /// … and their bytes.
+    public var maxPendingBytes = 4 << 20
 
     public init(instructionBudget: Int = 10_000_000, memoryLimit: Int = 256 << 20, sharedMemoryLimit: Int = 64 << 20) {
         self.instructionBudget = instructionBudget

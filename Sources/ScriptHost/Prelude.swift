@@ -158,6 +158,21 @@ function base.var(name, default)
   return v
 end
 
+------------------------------------------------------------------------ waiting
+-- What a hook may wait for (core.wait's first argument); ScriptHost's WaitOperation has the
+-- same numbers.
+local WAIT_SLEEP = 1
+local wait = core.wait
+
+--- Suspends the hook for `seconds` (0 to 1e9): the event loop serves others meanwhile, and this
+--- connection's later events wait their turn. Returns true.
+function base.sleep(seconds)
+  if type(seconds) ~= "number" or seconds ~= seconds or seconds < 0 or seconds > MAX_INTERVAL then
+    fail("sleep: seconds must be a number from 0 to 1e9 (got " .. tostring(seconds) .. ")")
+  end
+  return wait(WAIT_SLEEP, seconds)
+end
+
 ------------------------------------------------------------------------ channels, broadcast
 --- Sends `text` to every connection subscribed to `channel`, on every event loop.
 function base.publish(channel, text)

@@ -22,6 +22,10 @@ final class RecordingConnection: ScriptConnection {
 
     func setIdleTimers(_ seconds: [Double]) { idleTimers = seconds }
 
+    /// Every `setReading` call, in order.
+    var readingChanges: [Bool] = []
+    func setReading(_ reading: Bool) { readingChanges.append(reading) }
+
     var texts: [String] { sent.map(\.0) }
 }
 
