@@ -43,6 +43,9 @@ final class RedisChannelHandler: ChannelInboundHandler {
 
     var inFlight: Int { pending.count }
 
+    /// False once the connection has failed (it is closing, or closed).
+    var isUsable: Bool { failure == nil && context != nil }
+
     /// Sends one formatted command; the future completes with its reply. On the event loop only.
     func send(_ command: ByteBuffer, eventLoop: EventLoop) -> EventLoopFuture<RedisReply> {
         eventLoop.preconditionInEventLoop()

@@ -63,7 +63,8 @@ final class RedisConnectionCore: @unchecked Sendable {
         eventLoop.preconditionInEventLoop()
         switch machine.state {
         case .connected:
-            guard let handler else { return eventLoop.makeFailedFuture(RedisError.connectionLost) }
+            // A failed handler means the channel is closing: the state catches up when it has.
+            guard let handler, handler.isUsable else { return eventLoop.makeFailedFuture(RedisError.unavailable("connection lost")) }
             return handler.send(command, eventLoop: eventLoop)
         case .closed:
             return eventLoop.makeFailedFuture(RedisError.closed)
@@ -88,9 +89,9 @@ final class RedisConnectionCore: @unchecked Sendable {
     func whenConnected() -> EventLoopFuture<Void> {
         eventLoop.preconditionInEventLoop()
         switch machine.state {
-        case .connected: return eventLoop.makeSucceededVoidFuture()
+        case .connected where handler?.isUsable == true: return eventLoop.makeSucceededVoidFuture()
         case .closed: return eventLoop.makeFailedFuture(RedisError.closed)
-        case .idle, .connecting, .backingOff:
+        case .idle, .connecting, .backingOff, .connected:
             let promise = eventLoop.makePromise(of: Void.self)
             connectedWaiters.append(promise)
             return promise.futureResult
@@ -155,7 +156,7 @@ final class RedisConnectionCore: @unchecked Sendable {
             .whenComplete { [self] result in
                 switch result {
                 case .success(let channel): handshake(channel)
-                case .failure(let error): attemptFailed("\(error)")
+                case .failure(let error): attemptFailed(Self.reason(error))
                 }
             }
     }
@@ -206,7 +207,7 @@ final class RedisConnectionCore: @unchecked Sendable {
                 case .failure(let error):
                     if self.handler === handler { self.handler = nil }
                     channel.close(promise: nil)
-                    attemptFailed((error as? RedisError)?.description ?? "\(error)")
+                    attemptFailed(Self.reason(error))
                 }
             }
     }
@@ -250,6 +251,25 @@ final class RedisConnectionCore: @unchecked Sendable {
         logger.warning("redis connection lost; reconnecting", metadata: ["redis": "\(url)"])
         didDisconnect?()
         perform(action)
+    }
+
+    /// A short, password-free reason for `unavailable` errors and logs.
+    private static func reason(_ error: Error) -> String {
+        switch error {
+        case RedisError.errorReply(let message):
+            return message
+        case let error as RedisError:
+            return error.description
+        case let error as NIOConnectionError:
+            if let first = error.connectionErrors.first {
+                return "connect to \(first.target) failed: \(first.error)"
+            }
+            return "connect to \(error.host):\(error.port) failed"
+        case ChannelError.connectTimeout(let amount):
+            return "connect timed out after \(amount.nanoseconds / 1_000_000) ms"
+        default:
+            return "\(error)"
+        }
     }
 
     private func publish() {

@@ -117,6 +117,7 @@ extension RedisSubscriber {
         private var eventLoop: EventLoop { core.eventLoop }
 
         func subscribe(_ channel: String) -> EventLoopFuture<Void> {
+            if case .closed = core.state { return eventLoop.makeFailedFuture(RedisError.closed) }
             if !wanted.contains(channel) {
                 guard wanted.count < maxSubscriptions else {
                     return eventLoop.makeFailedFuture(RedisError.invalidCommand("more than \(maxSubscriptions) subscriptions"))
