@@ -9,7 +9,7 @@ struct TimedOut: Error, CustomStringConvertible {
     var description: String { "timed out: \(what)" }
 }
 
-extension EventLoopFuture {
+extension EventLoopFuture where Value: Sendable {
     /// `wait()` that gives up after `seconds`, so a broken test fails instead of hanging.
     func wait(seconds: Double, _ what: String = "future") throws -> Value {
         let promise = eventLoop.makePromise(of: Value.self)
