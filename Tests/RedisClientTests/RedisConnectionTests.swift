@@ -172,6 +172,15 @@ final class RedisConnectionTests: XCTestCase {
                        .replyTooLarge(limit: 4096))
         try redis.whenConnected().wait(seconds: 3, "reconnect")
         XCTAssertEqual(try redis.send("PING").wait(seconds: 2), .status("PONG"))
+
+        // Nesting: hiredis 0.14 reads 7 levels and refuses deeper replies.
+        XCTAssertEqual(try redis.send("EVAL", "return {{{{{{{1}}}}}}}", "0").wait(seconds: 2),
+                       .array([.array([.array([.array([.array([.array([.array([.integer(1)])])])])])])]))
+        guard case .protocolError? = failure(redis.send("EVAL", "return {{{{{{{{{1}}}}}}}}}", "0")) else {
+            return XCTFail("deep reply accepted")
+        }
+        try redis.whenConnected().wait(seconds: 3, "reconnect")
+        XCTAssertEqual(try redis.send("PING").wait(seconds: 2), .status("PONG"))
     }
 
     func testSharedConnectionRefusesCommandsThatWouldBreakIt() throws {
