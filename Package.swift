@@ -12,6 +12,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/adam-fowler/compress-nio.git", from: "1.5.0"),
+        .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
     ],
     targets: [
         // Lua 5.4 from the system (Debian: liblua5.4-dev), plus static-inline shims for its macros.
@@ -24,7 +25,8 @@ let package = Package(
         // and command formatter are used, plus static-inline shims that keep pointer work in C.
         .systemLibrary(
             name: "CHiredis",
-            pkgConfig: "hiredis",
+            // No pkgConfig: Debian's hiredis.pc adds -D_FILE_OFFSET_BITS=64, which SwiftPM drops
+            // with a warning on every build; the headers are in the default include path.
             providers: [.apt(["libhiredis-dev"])]
         ),
         // A Redis client (commands, pub/sub, reconnect) over SwiftNIO. Knows nothing of Lua or
@@ -88,6 +90,8 @@ let package = Package(
                 "LuaWSApp",
                 "ScriptHost",
                 "WSEngine",
+                "RedisClient",
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),

@@ -53,6 +53,10 @@ public final class EngineConnection: ScriptConnection {
         connection.close(code: code, reason: reason)
     }
 
+    public func setReading(_ reading: Bool) {
+        connection.setReading(reading)
+    }
+
     public func setIdleTimers(_ seconds: [Double]) {
         // The prelude allows 0.001 to 1e9 seconds; checked again, since a trap here would end the process.
         connection.setIdleTimers(seconds.map { TimeAmount(seconds: min(max($0, 0.001), 1e9)) ?? .seconds(1) })

@@ -31,6 +31,8 @@ enum LuaArg {
     case bool(Bool)
     case ref(Int32)
     case string(String)
+    /// A Lua string of any bytes (a response body, say).
+    case bytes([UInt8])
 }
 
 /// A plain value crossing between Lua and Swift in `core.command`.
@@ -40,6 +42,8 @@ enum LuaValue: Equatable {
     case integer(Int64)
     case number(Double)
     case string(String)
+    /// A Lua string as bytes, not necessarily UTF-8: what a waiting hook's arguments carry.
+    case bytes([UInt8])
     /// Only as a reply: raised in Lua as an error with this message.
     case error(String)
 }
@@ -185,6 +189,7 @@ final class LuaVM {
         case .integer(let i): reply.pointee.type = Int32(LUAWS_REPLY_INT); reply.pointee.integer = i
         case .number(let n): reply.pointee.type = Int32(LUAWS_REPLY_NUM); reply.pointee.number = n
         case .string(let s): reply.pointee.type = Int32(LUAWS_REPLY_STR); copy(s)
+        case .bytes(let b): reply.pointee.type = Int32(LUAWS_REPLY_STR); copy(String(decoding: b, as: UTF8.self))
         case .error(let s): reply.pointee.type = Int32(LUAWS_REPLY_ERROR); copy(s)
         }
     }
@@ -341,7 +346,11 @@ final class LuaVM {
             let count = Int(run.pointee.nargs)
             // Copied now: the strings live on the coroutine's stack only until it resumes.
             let args = withUnsafeBytes(of: &run.pointee.args) { raw in
-                raw.bindMemory(to: luaws_arg.self).prefix(count).map(LuaVM.value(of:))
+                raw.bindMemory(to: luaws_arg.self).prefix(count).map { arg -> LuaValue in
+                    // Strings as bytes: a body or a Redis value need not be UTF-8.
+                    guard Int(arg.type) == LUAWS_ARG_STR else { return LuaVM.value(of: arg) }
+                    return .bytes(Array(UnsafeRawBufferPointer(start: arg.s, count: arg.len)))
+                }
             }
             return .suspended(op: run.pointee.op, args: args)
         default:
@@ -374,6 +383,14 @@ final class LuaVM {
                     cArgs[index].type = Int32(LUAWS_ARG_STR)
                     cArgs[index].s = UnsafeRawPointer(utf8.baseAddress).map { $0.assumingMemoryBound(to: CChar.self) }
                     cArgs[index].len = utf8.count
+                    return fill(index + 1)
+                }
+            case .bytes(let bytes):
+                return bytes.withUnsafeBufferPointer { raw in
+                    cArgs[index].type = Int32(LUAWS_ARG_STR)
+                    // A non-nil pointer even for no bytes: C reads `len` bytes from it.
+                    cArgs[index].s = UnsafeRawPointer(raw.baseAddress ?? UnsafePointer(bitPattern: 1)!).assumingMemoryBound(to: CChar.self)
+                    cArgs[index].len = raw.count
                     return fill(index + 1)
                 }
             }

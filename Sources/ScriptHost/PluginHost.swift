@@ -117,7 +117,7 @@ public final class PluginHost {
     /// What a hook may wait for (`core.wait`'s first argument); the prelude has the same
     /// numbers (WAIT_*).
     private enum WaitOperation: Int64 {
-        case sleep = 1
+        case sleep = 1, http, redis
     }
 
     /// A timer scripts started. `task` is nil while it waits for its set to be activated.
@@ -166,6 +166,7 @@ public final class PluginHost {
     private var suspensions: [Int64: Suspension] = [:]
     private var nextOperation: Int64 = 0
     private let limits: ScriptLimits
+    private let services: ScriptServices?
 
     // Prelude functions, as registry references.
     private let fnNewSet, fnAddPlugin, fnPluginField, fnNewConn, fnFireTimer, fnDropConn, fnProtocols, fnRetireSet, fnForgetTimer: Int32
@@ -184,8 +185,9 @@ public final class PluginHost {
     /// nothing.
     public init(
         plugins set: PluginSet, vars: [String: String] = [:], limits: ScriptLimits = .init(), logger: Logger,
-        cluster: ScriptCluster? = nil, eventLoop: EventLoop? = nil, isPrimary: Bool = true
+        cluster: ScriptCluster? = nil, eventLoop: EventLoop? = nil, isPrimary: Bool = true, services: ScriptServices? = nil
     ) throws {
+        self.services = services
         self.logger = logger
         self.cluster = cluster
         self.eventLoop = eventLoop
@@ -581,9 +583,79 @@ public final class PluginHost {
             eventLoop.scheduleTask(in: .nanoseconds(Int64(seconds * 1e9))) {
                 loopBound.value.deliver(.resumed(operation, [.bool(true)]))
             }
+        case .http:
+            guard let request = Self.httpRequest(args) else {
+                deliver(.resumed(operation, [.nil, .string("http: bad request")]))
+                return
+            }
+            guard let services else {
+                deliver(.resumed(operation, [.nil, .string("http: not available here")]))
+                return
+            }
+            services.http(request, on: eventLoop).hop(to: eventLoop).whenComplete { result in
+                switch result {
+                case .success(let response):
+                    let headers = response.headers.map { "\($0.name): \($0.value)" }.joined(separator: "\n")
+                    loopBound.value.deliver(.resumed(operation, [.int(Int64(response.status)), .string(headers), .bytes(response.body)]))
+                case .failure(let error):
+                    loopBound.value.deliver(.resumed(operation, [.nil, .string("\(error)")]))
+                }
+            }
+        case .redis:
+            guard case .bytes(let packed)? = args.first, let command = Self.redisArguments(packed) else {
+                deliver(.resumed(operation, [.nil, .string("redis: bad command")]))
+                return
+            }
+            guard let future = services?.redis(command, on: eventLoop) else {
+                deliver(.resumed(operation, [.nil, .string("redis not configured")]))
+                return
+            }
+            future.hop(to: eventLoop).whenComplete { result in
+                switch result {
+                case .success(let reply):
+                    loopBound.value.deliver(.resumed(operation, [.bytes(reply.packed)]))
+                case .failure(let error):
+                    loopBound.value.deliver(.resumed(operation, [.nil, .string("\(error)")]))
+                }
+            }
         case nil:
             deliver(.resumed(operation, [.nil, .string("unknown operation \(op)")]))
         }
+    }
+
+    /// core.wait(WAIT_HTTP, method, url, header lines, body, timeout, follow redirects).
+    private static func httpRequest(_ args: [LuaValue]) -> ScriptHTTPRequest? {
+        guard args.count >= 6, case .bytes(let methodBytes) = args[0], case .bytes(let urlBytes) = args[1],
+              case .bytes(let headerBytes) = args[2], case .bytes(let body) = args[3]
+        else { return nil }
+        let method = String(decoding: methodBytes, as: UTF8.self), url = String(decoding: urlBytes, as: UTF8.self)
+        let headerBlock = String(decoding: headerBytes, as: UTF8.self)
+        let timeout: Double? = switch args[4] {
+        case .number(let n): n
+        case .integer(let n): Double(n)
+        default: nil
+        }
+        let headers = headerBlock.split(separator: "\n").compactMap { line -> (name: String, value: String)? in
+            guard let colon = line.firstIndex(of: ":") else { return nil }
+            return (String(line[..<colon]), String(line[line.index(after: colon)...].drop { $0 == " " }))
+        }
+        return ScriptHTTPRequest(method: method, url: url, headers: headers, body: body, timeout: timeout, followRedirects: args[5] == .bool(true))
+    }
+
+    /// Splits core.wait(WAIT_REDIS, packed)'s arguments: each a 4-byte little-endian length and
+    /// its bytes (`string.pack("<s4", …)`), so that any byte, NUL included, can be sent.
+    static func redisArguments(_ bytes: [UInt8]) -> [[UInt8]]? {
+        var arguments: [[UInt8]] = []
+        var at = 0
+        while at < bytes.count {
+            guard at + 4 <= bytes.count else { return nil }
+            let length = Int(bytes[at]) | Int(bytes[at + 1]) << 8 | Int(bytes[at + 2]) << 16 | Int(bytes[at + 3]) << 24
+            at += 4
+            guard at + length <= bytes.count else { return nil }
+            arguments.append(Array(bytes[at..<at + length]))
+            at += length
+        }
+        return arguments.isEmpty ? nil : arguments
     }
 
     private func takeReadyThread() -> LuaVM.Thread? {

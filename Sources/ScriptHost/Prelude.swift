@@ -57,6 +57,19 @@ local function fail(msg)
   error(msg, 0)
 end
 
+-- "Name: value" lines into a table of lower-case names (repeated names joined with ", ").
+local function parse_headers_block(raw)
+  local h = {}
+  for line in gmatch(raw or "", "[^\n]+") do
+    local k, v = line:match("^([^:]+):%s*(.*)$")
+    if k then
+      k = lower(k)
+      if h[k] then h[k] = h[k] .. ", " .. v else h[k] = v end
+    end
+  end
+  return h
+end
+
 ------------------------------------------------------------------------ read-only tables
 -- Tables every plugin shares (its `luaws`, `luaws.json`, `luaws.shared`) are proxies: writes
 -- fail, and the sandbox's rawset refuses them, so no plugin can change them for another.
@@ -161,8 +174,9 @@ end
 ------------------------------------------------------------------------ waiting
 -- What a hook may wait for (core.wait's first argument); ScriptHost's WaitOperation has the
 -- same numbers.
-local WAIT_SLEEP = 1
+local WAIT_SLEEP, WAIT_HTTP, WAIT_REDIS = 1, 2, 3
 local wait = core.wait
+local unpack_bytes, pack_bytes = string.unpack, string.pack
 
 --- Suspends the hook for `seconds` (0 to 1e9): the event loop serves others meanwhile, and this
 --- connection's later events wait their turn. Returns true.
@@ -171,6 +185,91 @@ function base.sleep(seconds)
     fail("sleep: seconds must be a number from 0 to 1e9 (got " .. tostring(seconds) .. ")")
   end
   return wait(WAIT_SLEEP, seconds)
+end
+
+--- JSON null, and a nil inside a Redis array.
+base.null = core.null
+
+local HTTP_METHODS = { GET = true, HEAD = true, POST = true, PUT = true, PATCH = true, DELETE = true, OPTIONS = true }
+
+--- luaws.http.request{ method =, url =, headers =, body =, timeout =, redirects = }
+--- -> res ({ status =, headers = (lower-case names), body = }) or nil, err
+local function http_request(opts)
+  if type(opts) ~= "table" then fail("http.request: expected a table of options") end
+  local method = opts.method or "GET"
+  if type(method) ~= "string" or not HTTP_METHODS[method] then
+    fail("http.request: method must be one of GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS (got " .. tostring(method) .. ")")
+  end
+  local url = opts.url
+  if type(url) ~= "string" or not (url:match("^https?://[^/%s]+") ) or url:find("[%s%c]") then
+    fail("http.request: url must be an http:// or https:// URL (got " .. tostring(url) .. ")")
+  end
+  local lines = {}
+  if opts.headers ~= nil then
+    if type(opts.headers) ~= "table" then fail("http.request: headers must be a table of name = value") end
+    for k, v in pairs(opts.headers) do
+      if type(k) ~= "string" or not k:match("^[!#$%%&'*+%-.^_`|~%w]+$") then fail("http.request: bad header name " .. tostring(k)) end
+      v = tostring(v)
+      if v:find("[\r\n%z]") then fail("http.request: header " .. k .. " has a line break or NUL in its value") end
+      lines[#lines + 1] = k .. ": " .. v
+    end
+  end
+  local body = opts.body
+  if body ~= nil and type(body) ~= "string" then fail("http.request: body must be a string") end
+  local timeout = opts.timeout
+  if timeout ~= nil and (type(timeout) ~= "number" or timeout ~= timeout or timeout <= 0 or timeout > 86400) then
+    fail("http.request: timeout must be a number of seconds, more than 0 and at most 86400")
+  end
+  local status, headers, res_body = wait(WAIT_HTTP, method, url, concat(lines, "\n"), body or "", timeout, opts.redirects == true)
+  if not status then return nil, headers end
+  return { status = status, headers = parse_headers_block(headers), body = res_body }
+end
+base.http = readonly({ request = http_request }, "luaws.http")
+
+-- Unpacks ScriptRedisReply.packed: tag byte, payload; arrays in pre-order.
+local function unpack_reply(s, at)
+  local tag = s:sub(at, at)
+  if tag == "s" or tag == "t" then
+    local n; n, at = unpack_bytes("<I4", s, at + 1)
+    return s:sub(at, at + n - 1), at + n
+  elseif tag == "e" then
+    local n; n, at = unpack_bytes("<I4", s, at + 1)
+    return { err = s:sub(at, at + n - 1) }, at + n
+  elseif tag == "i" then
+    local v; v, at = unpack_bytes("<i8", s, at + 1)
+    return v, at
+  elseif tag == "n" then
+    return core.null, at + 1
+  elseif tag == "a" then
+    local n; n, at = unpack_bytes("<I4", s, at + 1)
+    local t = {}
+    for i = 1, n do t[i], at = unpack_reply(s, at) end
+    return t, at
+  end
+  error("bad redis reply")
+end
+
+--- luaws.redis(cmd, ...) -> reply or nil, err: strings, integers, arrays as tables (a nil inside
+--- one is luaws.null, an error inside one is { err = "..." }), nil for a nil reply, status
+--- replies as strings; a Redis error reply is nil, "ERR ...".
+function base.redis(...)
+  local n = select("#", ...)
+  if n == 0 then fail("redis: a command is needed, e.g. luaws.redis('GET', key)") end
+  local args = {}
+  for i = 1, n do
+    local a = select(i, ...)
+    local t = type(a)
+    if t == "number" then a = tostring(a) elseif t ~= "string" then
+      fail("redis: argument " .. i .. " must be a string or a number (got " .. t .. ")")
+    end
+    args[i] = pack_bytes("<s4", a)
+  end
+  local packed, err = wait(WAIT_REDIS, concat(args), n)
+  if packed == nil then return nil, err end
+  local reply = unpack_reply(packed, 1)
+  if reply == core.null then return nil end
+  if type(reply) == "table" and reply.err then return nil, reply.err end
+  return reply
 end
 
 ------------------------------------------------------------------------ channels, broadcast
@@ -280,17 +379,7 @@ local function parse_query(qs)
   return q
 end
 
-local function parse_headers(raw)
-  local h = {}
-  for line in gmatch(raw or "", "[^\n]+") do
-    local k, v = line:match("^([^:]+):%s*(.*)$")
-    if k then
-      k = lower(k)
-      if h[k] then h[k] = h[k] .. ", " .. v else h[k] = v end
-    end
-  end
-  return h
-end
+local parse_headers = parse_headers_block
 
 -- `headers`, `query` and `data` are made on first use: most connections never ask for them.
 local lazy_fields = {

@@ -33,6 +33,8 @@ public final class ScriptCluster: Sendable {
 
     public let vars: [String: String]
     public let limits: ScriptLimits
+    /// HTTP, Redis: what hooks may wait for.
+    public let services: ScriptServices?
     private let logger: Logger
     private let members = NIOLockedValueBox<[Member]>([])
     private let store = NIOLockedValueBox(SharedStore())
@@ -40,7 +42,8 @@ public final class ScriptCluster: Sendable {
     private let pendingDelivery = NIOLockedValueBox(0)
     private let state: NIOLockedValueBox<(set: PluginSet, status: ReloadStatus)>
 
-    public init(plugins: PluginSet, vars: [String: String] = [:], limits: ScriptLimits = .init(), logger: Logger) {
+    public init(plugins: PluginSet, vars: [String: String] = [:], limits: ScriptLimits = .init(), logger: Logger, services: ScriptServices? = nil) {
+        self.services = services
         self.vars = vars
         self.limits = limits
         self.logger = logger
@@ -55,7 +58,7 @@ public final class ScriptCluster: Sendable {
         let set = state.withLockedValue { $0.set }
         // The first loop's host is the primary: it alone runs top-level plugin timers.
         let isPrimary = members.withLockedValue { $0.isEmpty }
-        let host = try PluginHost(plugins: set, vars: vars, limits: limits, logger: logger, cluster: self, eventLoop: eventLoop, isPrimary: isPrimary)
+        let host = try PluginHost(plugins: set, vars: vars, limits: limits, logger: logger, cluster: self, eventLoop: eventLoop, isPrimary: isPrimary, services: services)
         members.withLockedValue { $0.append(Member(eventLoop: eventLoop, host: NIOLoopBound(host, eventLoop: eventLoop))) }
         return host
     }

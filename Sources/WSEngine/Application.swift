@@ -76,4 +76,11 @@ public final class WebSocketConnection {
     public func setIdleTimers(_ intervals: [TimeAmount]) {
         handler?.setIdleTimers(intervals)
     }
+
+    /// Stops (false) or restarts (true) reading from the client: TCP back-pressure, for an
+    /// application whose own queue for this connection is full. Bytes already read are still
+    /// delivered; keep-alive pings and the idle timeout pause meanwhile.
+    public func setReading(_ reading: Bool) {
+        handler?.setReading(reading)
+    }
 }

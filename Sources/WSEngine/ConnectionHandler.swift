@@ -62,6 +62,9 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     private var reading = false
     private var needsFlush = false
 
+    /// Reading stopped by the application (`setReading(false)`): TCP pushes back on the client.
+    private var readingPaused = false
+
     /// permessage-deflate, if negotiated.
     private let deflate: DeflateParameters?
 
@@ -321,6 +324,20 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         return true
     }
 
+    /// Stops or restarts reading from the client. While stopped, bytes already read keep being
+    /// parsed, nothing more is read, and keep-alive and idle-timeout deadlines pause.
+    func setReading(_ reading: Bool) {
+        guard let context, readingPaused == reading else { return }
+        readingPaused = !reading
+        try? context.channel.syncOptions?.setOption(ChannelOptions.autoRead, value: reading)
+        if reading {
+            let now = NIODeadline.now()
+            lastHeard = now
+            pingSentAt = nil
+            context.read()
+        }
+    }
+
     func setIdleTimers(_ intervals: [TimeAmount]) {
         guard context != nil else { return }
         let now = NIODeadline.now()
@@ -338,7 +355,8 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     /// intervals: one timer per loop instead of one per connection. It pings a silent client,
     /// drops one whose ping went unanswered, and closes one that sent no message for `idleTimeout`.
     func checkKeepAlive(now: NIODeadline) {
-        guard state == .open, let context else { return }
+        // While the application holds reading back, silence is ours, not the client's.
+        guard state == .open, !readingPaused, let context else { return }
         if let sent = pingSentAt, now >= sent + configuration.pongTimeout {
             loop.logger.debug("connection \(id): no answer to ping, dropping")
             state = .closed

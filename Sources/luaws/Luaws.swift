@@ -4,6 +4,7 @@ import Foundation
 import Logging
 import LuaWSApp
 import NIOCore
+import RedisClient
 import ScriptHost
 import WSEngine
 
@@ -30,9 +31,26 @@ func parseVars(_ items: [String]) -> [String: String] {
     return vars
 }
 
+/// A `--var-file`: NAME=VALUE lines; blank lines and lines starting with # are skipped.
+func readVarFile(_ path: String) throws -> [String: String] {
+    guard let data = FileManager.default.contents(atPath: path) else {
+        throw ValidationError("--var-file \(path): cannot read")
+    }
+    var vars: [String: String] = [:]
+    for (number, line) in String(decoding: data, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+        let trimmed = line.trimmingCharacters(in: .whitespaces)
+        if trimmed.isEmpty || trimmed.hasPrefix("#") { continue }
+        guard let equals = trimmed.firstIndex(of: "="), equals != trimmed.startIndex else {
+            throw ValidationError("--var-file \(path):\(number + 1): expected NAME=VALUE")
+        }
+        vars[String(trimmed[..<equals]).trimmingCharacters(in: .whitespaces)] = String(trimmed[trimmed.index(after: equals)...])
+    }
+    return vars
+}
+
 extension TimeAmount {
     /// Seconds from a validated option (see `Serve.validate`: finite, positive, at most 1e9).
-    static func seconds(_ value: Double) -> TimeAmount { TimeAmount(seconds: min(max(value, 0), 1e9)) ?? TimeAmount.nanoseconds(1_000_000_000 * 1_000_000_000) }
+    static func option(_ value: Double) -> TimeAmount { TimeAmount(seconds: min(max(value, 0), 1e9)) ?? TimeAmount.nanoseconds(1_000_000_000 * 1_000_000_000) }
 }
 
 struct Serve: AsyncParsableCommand {
@@ -70,6 +88,27 @@ struct Serve: AsyncParsableCommand {
 
     @Option(help: "Seconds a shutdown (SIGTERM, SIGINT) may take before the process exits anyway.")
     var shutdownTimeout = 10.0
+
+    @Option(help: "Seconds a hook may wait (luaws.sleep, luaws.http, luaws.redis) before it is cancelled.")
+    var hookTimeout = 30.0
+
+    @Option(help: "Messages of one connection that may wait behind its waiting hook before the server stops reading from it.")
+    var maxPendingMessages = ScriptLimits().maxPendingMessages
+
+    @Option(help: "Bytes of messages that may wait behind a waiting hook before the server stops reading from its connection.")
+    var maxPendingBytes = ScriptLimits().maxPendingBytes
+
+    @Option(help: "Seconds an HTTP request from a script may take when it gives no timeout.")
+    var httpTimeout = 10.0
+
+    @Option(help: "Largest HTTP response body a script may receive, in bytes.")
+    var httpMaxResponse = LiveServices.Settings().maxResponseBytes
+
+    @Option(help: "Redis for luaws.redis: redis://[:PASSWORD@]HOST:PORT[/DB] (the password is never logged).")
+    var redis: String?
+
+    @Option(name: .customLong("var-file"), help: "A file of NAME=VALUE lines (# comments) for luaws.var, so that secrets stay off the command line (repeatable; --var wins).")
+    var varFiles: [String] = []
 
     @Option(help: "Largest message accepted, in bytes (larger: closed with 1009).")
     var maxMessageSize = ServerConfiguration().maxMessageSize
@@ -114,7 +153,7 @@ struct Serve: AsyncParsableCommand {
         for item in vars where !item.contains("=") {
             throw ValidationError("--var takes NAME=VALUE, got '\(item)'")
         }
-        for value in [handshakeTimeout, pingInterval, pongTimeout, shutdownTimeout] where !(value > 0 && value <= 1e9) {
+        for value in [handshakeTimeout, pingInterval, pongTimeout, shutdownTimeout, hookTimeout, httpTimeout] where !(value > 0 && value <= 1e9) {
             throw ValidationError("timeouts and intervals must be positive numbers of seconds, at most 1e9")
         }
         if !(idleTimeout >= 0 && idleTimeout <= 1e9) {
@@ -125,6 +164,12 @@ struct Serve: AsyncParsableCommand {
         }
         if instructionBudget < 0 {
             throw ValidationError("--instruction-budget must be 0 (no limit) or more")
+        }
+        for value in [maxPendingMessages, maxPendingBytes, httpMaxResponse] where value < 1 {
+            throw ValidationError("--max-pending-messages, --max-pending-bytes and --http-max-response must be at least 1")
+        }
+        if let redis {
+            do { _ = try RedisURL(redis) } catch { throw ValidationError("--redis: \(error)") }
         }
         for path in webSocketPaths where !path.hasPrefix("/") {
             throw ValidationError("--ws-path must start with /, got '\(path)'")
@@ -147,8 +192,23 @@ struct Serve: AsyncParsableCommand {
             logger.critical("cannot read scripts: \(error)")
             throw ExitCode(1)
         }
-        let pluginVars = parseVars(vars)
-        let limits = ScriptLimits(instructionBudget: instructionBudget, memoryLimit: luaMemoryMb << 20, sharedMemoryLimit: sharedMemoryMb << 20)
+        var pluginVars: [String: String] = [:]
+        do {
+            for file in varFiles { pluginVars.merge(try readVarFile(file)) { _, new in new } }
+        } catch {
+            logger.critical("\(error)")
+            throw ExitCode(1)
+        }
+        pluginVars.merge(parseVars(vars)) { _, new in new }
+        var limits = ScriptLimits(instructionBudget: instructionBudget, memoryLimit: luaMemoryMb << 20, sharedMemoryLimit: sharedMemoryMb << 20)
+        limits.hookTimeout = hookTimeout
+        limits.maxPendingMessages = maxPendingMessages
+        limits.maxPendingBytes = maxPendingBytes
+        var serviceSettings = LiveServices.Settings()
+        serviceSettings.httpTimeout = .option(httpTimeout)
+        serviceSettings.maxResponseBytes = httpMaxResponse
+        serviceSettings.redis = try redis.map { try RedisURL($0) }
+        let services = LiveServices(settings: serviceSettings, logger: logger)
 
         var configuration = ServerConfiguration()
         configuration.host = host
@@ -160,10 +220,10 @@ struct Serve: AsyncParsableCommand {
         configuration.maxCompressedRatio = maxCompressedRatio
         configuration.allowedOrigins = allowedOrigins.isEmpty ? nil : Set(allowedOrigins)
         configuration.maxConnections = maxConnections
-        configuration.handshakeTimeout = .seconds(handshakeTimeout)
-        configuration.pingInterval = .seconds(pingInterval)
-        configuration.pongTimeout = .seconds(pongTimeout)
-        configuration.idleTimeout = idleTimeout > 0 ? .seconds(idleTimeout) : nil
+        configuration.handshakeTimeout = .option(handshakeTimeout)
+        configuration.pingInterval = .option(pingInterval)
+        configuration.pongTimeout = .option(pongTimeout)
+        configuration.idleTimeout = idleTimeout > 0 ? .option(idleTimeout) : nil
         configuration.maxOutboundBytes = maxOutboundBytes
         configuration.slowConsumerPolicy = slowConsumer
         if let threads { configuration.eventLoops = threads }
@@ -174,7 +234,7 @@ struct Serve: AsyncParsableCommand {
             logger.warning("public folder \(publicDirectory) not found: serving no page")
         }
 
-        let cluster = ScriptCluster(plugins: plugins, vars: pluginVars, limits: limits, logger: logger)
+        let cluster = ScriptCluster(plugins: plugins, vars: pluginVars, limits: limits, logger: logger, services: services)
         let scriptsFolder = scripts
         configuration.routes["/luaws/status"] = { eventLoop in
             eventLoop.makeFutureWithTask { await StatusPage.json(cluster, scripts: scriptsFolder) }
@@ -183,8 +243,10 @@ struct Serve: AsyncParsableCommand {
         let server: WebSocketServer
         do {
             let builtin = builtinEcho
+            let usesRedis = serviceSettings.redis != nil
             server = try await WebSocketServer.start(configuration: configuration, logger: logger) { _, eventLoop in
-                builtin ? BuiltinEcho() as WebSocketApplication : LuaApplication(plugins: try cluster.makeHost(on: eventLoop))
+                if !builtin, usesRedis { services.connectRedis(on: [eventLoop]) }
+                return builtin ? BuiltinEcho() as WebSocketApplication : LuaApplication(plugins: try cluster.makeHost(on: eventLoop))
             }
         } catch let error as PluginLoadError {
             logger.critical("scripts did not load: \(error.message)")
@@ -219,6 +281,8 @@ struct Serve: AsyncParsableCommand {
             FileHandle.standardError.write(Data("luaws: shutdown took longer than \(timeout) s (--shutdown-timeout): exiting now\n".utf8))
             Foundation.exit(1)
         }
-        await server.shutdown(code: 1001, grace: .seconds(min(2, timeout)))
+        // Redis and HTTP first: their reconnects must not schedule on loops that have stopped.
+        await services.shutdown()
+        await server.shutdown(code: 1001, grace: .option(min(2, timeout)))
     }
 }
