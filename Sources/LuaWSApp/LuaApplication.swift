@@ -14,8 +14,47 @@ public final class LuaApplication: WebSocketApplication {
         plugins.open(
             EngineConnection(connection),
             id: connection.id,
-            request: ScriptRequest(path: request.path, query: request.query, headers: request.headers.map { ($0.name, $0.value) }, subprotocol: request.subprotocol)
+            request: ScriptRequest(
+                path: request.path, query: request.query, headers: request.headers.map { ($0.name, $0.value) },
+                subprotocol: request.subprotocol, remoteAddress: request.remoteAddress, upgradeToken: request.context)
         )
+    }
+
+    /// on_upgrade decides (and may wait); its `req.data` comes back as `conn.data`.
+    public func shouldUpgrade(_ request: WebSocketRequest, on eventLoop: EventLoop) -> EventLoopFuture<UpgradeDecision> {
+        let promise = eventLoop.makePromise(of: UpgradeDecision.self)
+        let asked = ScriptRequest(
+            path: request.path, query: request.query, headers: request.headers.map { ($0.name, $0.value) },
+            subprotocol: request.subprotocol, remoteAddress: request.remoteAddress)
+        plugins.upgrade(asked) { decision in
+            switch decision {
+            case .accept(let token): promise.succeed(.accept(context: token))
+            case .refuse(let status, let reason): promise.succeed(.refuse(status: status, reason: reason))
+            }
+        }
+        return promise.futureResult
+    }
+
+    public func hasRoute(method: String, path: String) -> Bool {
+        plugins.hasRoute(method: method, path: path)
+    }
+
+    /// A plugin route; one that fails answers 500 with nothing of the error in it.
+    public func route(_ request: RoutedRequest, on eventLoop: EventLoop) -> EventLoopFuture<RoutedResponse> {
+        let promise = eventLoop.makePromise(of: RoutedResponse.self)
+        var asked = ScriptRequest(
+            path: request.path, query: request.query, headers: request.headers.map { ($0.name, $0.value) },
+            remoteAddress: request.remoteAddress)
+        asked.method = request.method
+        asked.body = Array(request.body.readableBytesView)
+        plugins.route(asked) { response in
+            guard let response else {
+                promise.succeed(RoutedResponse(status: 500, headers: [], body: ByteBuffer(string: "Internal server error\n")))
+                return
+            }
+            promise.succeed(RoutedResponse(status: response.status, headers: response.headers, body: ByteBuffer(bytes: response.body)))
+        }
+        return promise.futureResult
     }
 
     public func received(_ message: WebSocketMessage, on connection: WebSocketConnection) {

@@ -12,13 +12,20 @@ struct LoadedPlugins {
         var onClose: Int32?
         var onIdle: Int32?
         var onReload: Int32?
+        var onUpgrade: Int32?
         var idle: Double?
+        /// The WebSocket paths whose connections this plugin sees; nil: every path.
+        var paths: Set<String>?
+        /// Its HTTP routes: "METHOD /path" → function.
+        var routes: [String: Int32] = [:]
 
-        var refs: [Int32] { [onOpen, onMessage, onClose, onIdle, onReload].compactMap { $0 } }
+        var refs: [Int32] { [onOpen, onMessage, onClose, onIdle, onReload, onUpgrade].compactMap { $0 } + Array(routes.values) }
+
+        func serves(_ path: String) -> Bool { paths?.contains(path) ?? true }
     }
 
     enum Hook: Int, CaseIterable {
-        case onOpen, onMessage, onClose, onReload
+        case onOpen, onMessage, onClose, onReload, onUpgrade
 
         var name: String {
             switch self {
@@ -26,6 +33,7 @@ struct LoadedPlugins {
             case .onMessage: "on_message"
             case .onClose: "on_close"
             case .onReload: "on_reload"
+            case .onUpgrade: "on_upgrade"
             }
         }
 
@@ -35,6 +43,7 @@ struct LoadedPlugins {
             case .onMessage: plugin.onMessage
             case .onClose: plugin.onClose
             case .onReload: plugin.onReload
+            case .onUpgrade: plugin.onUpgrade
             }
         }
     }
@@ -46,11 +55,19 @@ struct LoadedPlugins {
     var plugins: [Plugin] = []
     /// Sub-protocols the plugins declare, in order.
     var subprotocols: [String] = []
-    /// For each hook (by `Hook.rawValue`), the plugins that have it (index into `plugins`,
-    /// function), in order: dispatch walks only these.
-    private(set) var hooks: [[(plugin: Int, function: Int32)]] = Array(repeating: [], count: Hook.allCases.count)
-    /// Index into `plugins` of the plugin behind each idle timer.
-    private(set) var idleTimerPlugins: [Int] = []
+    /// What a connection on one path runs: for each hook (by `Hook.rawValue`), the plugins
+    /// that have it and serve the path (index into `plugins`, function), in order; and the
+    /// plugins behind its idle timers.
+    struct Chains {
+        var hooks: [[(plugin: Int, function: Int32)]] = Array(repeating: [], count: Hook.allCases.count)
+        var idleTimerPlugins: [Int] = []
+    }
+    /// For paths that some plugin names in `paths`.
+    private var chainsByPath: [String: Chains] = [:]
+    /// For every other path (plugins without `paths`).
+    private var defaultChains = Chains()
+    /// Routes of every plugin: "METHOD /path" → (plugin, function).
+    private(set) var routes: [String: (plugin: Int, function: Int32)] = [:]
 
     init() {}
 
@@ -59,12 +76,26 @@ struct LoadedPlugins {
         self.setRef = setRef
     }
 
+    /// What a connection on `path` runs (one dictionary lookup, only if some plugin has `paths`).
+    func chains(for path: String) -> Chains {
+        chainsByPath.isEmpty ? defaultChains : chainsByPath[path] ?? defaultChains
+    }
+
     /// Builds the dispatch lists once every plugin is in.
     mutating func finish() {
         let plugins = self.plugins
-        hooks = Hook.allCases.map { hook in
-            plugins.indices.compactMap { index in hook.function(of: plugins[index]).map { (index, $0) } }
+        func chains(_ path: String?) -> Chains {
+            let serving = plugins.indices.filter { path.map(plugins[$0].serves) ?? (plugins[$0].paths == nil) }
+            return Chains(
+                hooks: Hook.allCases.map { hook in serving.compactMap { index in hook.function(of: plugins[index]).map { (index, $0) } } },
+                idleTimerPlugins: serving.filter { plugins[$0].onIdle != nil && plugins[$0].idle != nil })
         }
-        idleTimerPlugins = plugins.indices.filter { plugins[$0].onIdle != nil && plugins[$0].idle != nil }
+        defaultChains = chains(nil)
+        let named = Set(plugins.flatMap { $0.paths ?? [] })
+        chainsByPath = Dictionary(uniqueKeysWithValues: named.map { ($0, chains($0)) })
+        routes = [:]
+        for (index, plugin) in plugins.enumerated() {
+            for (key, function) in plugin.routes { routes[key] = (index, function) }
+        }
     }
 }

@@ -231,6 +231,17 @@ final class LuaVM {
         )
     }
 
+    /// Calls `function` and returns its first result's bytes if it is a string (any bytes, not
+    /// only UTF-8), else nil.
+    func callForBytes(_ function: Int32, _ args: [LuaArg]) throws -> [UInt8]? {
+        var result = luaws_result()
+        let status: Int32 = withLuaArgs(args) { cArgs in
+            luaws_call(state, function, cArgs.baseAddress, Int32(cArgs.count), 0, &result)
+        }
+        guard status == LUA_OK else { throw error(status) }
+        return result.str.map { Array(UnsafeRawBufferPointer(start: $0, count: result.len)) }
+    }
+
     /// The hot path of `call`: a hook with the connection and, optionally, a payload and its
     /// kind, with no array or closure allocated.
     func callHook(_ function: Int32, connection: Int32, payload: ByteBuffer? = nil, kind: StaticString? = nil) throws -> Bool {

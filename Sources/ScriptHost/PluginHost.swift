@@ -28,13 +28,36 @@ public struct ScriptRequest: Sendable {
     public var headers: [(name: String, value: String)]
     /// The negotiated sub-protocol (`conn.protocol`), if any.
     public var subprotocol: String?
+    /// The client's IP address (`conn.remote_addr`, `req.remote_addr`).
+    public var remoteAddress: String?
+    /// What `upgrade` accepted the request with (its `req.data` becomes `conn.data`).
+    public var upgradeToken: Int64?
+    /// HTTP method and body: for routes.
+    public var method: String = "GET"
+    public var body: [UInt8] = []
 
-    public init(path: String, query: String, headers: [(name: String, value: String)], subprotocol: String? = nil) {
+    public init(path: String, query: String, headers: [(name: String, value: String)], subprotocol: String? = nil, remoteAddress: String? = nil, upgradeToken: Int64? = nil) {
         self.path = path
         self.query = query
         self.headers = headers
         self.subprotocol = subprotocol
+        self.remoteAddress = remoteAddress
+        self.upgradeToken = upgradeToken
     }
+}
+
+/// What on_upgrade decided.
+public enum ScriptUpgradeDecision: Sendable, Equatable {
+    /// Accepted; the token goes back in `ScriptRequest.upgradeToken` when the connection opens.
+    case accept(token: Int64)
+    case refuse(status: Int, reason: String)
+}
+
+/// What a plugin route answered.
+public struct ScriptRouteResponse: Sendable {
+    public var status: Int
+    public var headers: [(name: String, value: String)]
+    public var body: [UInt8]
 }
 
 /// The Lua plugins of one event loop: one Lua state, the plugin set that serves, and the
@@ -75,6 +98,10 @@ public final class PluginHost {
         case timer(Int64)
         case reload
         case close(code: UInt16, reason: String)
+        /// on_upgrade for the request table `request` (no connection yet).
+        case upgrade(request: Int32, path: String)
+        /// The route `key` ("METHOD /path") for the request table `request`.
+        case route(request: Int32, key: String)
 
         var hookName: String {
             switch self {
@@ -84,6 +111,8 @@ public final class PluginHost {
             case .timer: "timer"
             case .reload: "on_reload"
             case .close: "on_close"
+            case .upgrade: "on_upgrade"
+            case .route(_, let key): "route \(key)"
             }
         }
     }
@@ -102,6 +131,9 @@ public final class PluginHost {
         let plugin: LoadedPlugins.Plugin?
         let thread: LuaVM.Thread
         var timeout: Scheduled<Void>?
+        /// For a run without a connection (upgrade, route, plugin timer): what to do once the
+        /// chain is over.
+        var finished: (() -> Void)?
 
         init(connection: Int64, ref: Int32, event: ConnectionEvent, index: Int, generation: Int, plugin: LoadedPlugins.Plugin?, thread: LuaVM.Thread) {
             self.connection = connection
@@ -170,6 +202,15 @@ public final class PluginHost {
 
     // Prelude functions, as registry references.
     private let fnNewSet, fnAddPlugin, fnPluginField, fnNewConn, fnFireTimer, fnDropConn, fnProtocols, fnRetireSet, fnForgetTimer: Int32
+    private let fnPluginPaths, fnPluginRouteKeys, fnPluginRoute, fnNewRequest, fnCallUpgrade, fnUpgradeOutcome, fnCallRoute, fnRouteResponse: Int32
+    /// Paths routes may not take (WebSocket paths, the server's own pages).
+    private let reservedPaths: [String]
+    /// Request tables of accepted upgrades, until their connection opens (their `data`
+    /// becomes `conn.data`); dropped if it never does.
+    private var upgrades: [Int64: (ref: Int32, at: NIODeadline)] = [:]
+    private var nextUpgrade: Int64 = 0
+    /// Request tables whose on_upgrade or route failed: refused with 500.
+    private var failedRequests: Set<Int32> = []
 
     /// Script errors (of any hook or load) since start.
     public private(set) var errorCount = 0
@@ -185,9 +226,11 @@ public final class PluginHost {
     /// nothing.
     public init(
         plugins set: PluginSet, vars: [String: String] = [:], limits: ScriptLimits = .init(), logger: Logger,
-        cluster: ScriptCluster? = nil, eventLoop: EventLoop? = nil, isPrimary: Bool = true, services: ScriptServices? = nil
+        cluster: ScriptCluster? = nil, eventLoop: EventLoop? = nil, isPrimary: Bool = true, services: ScriptServices? = nil,
+        reservedPaths: [String] = []
     ) throws {
         self.services = services
+        self.reservedPaths = reservedPaths
         self.logger = logger
         self.cluster = cluster
         self.eventLoop = eventLoop
@@ -203,6 +246,14 @@ public final class PluginHost {
         fnProtocols = try vm.apiFunction("protocols")
         fnRetireSet = try vm.apiFunction("retire_set")
         fnForgetTimer = try vm.apiFunction("forget_timer")
+        fnPluginPaths = try vm.apiFunction("plugin_paths")
+        fnPluginRouteKeys = try vm.apiFunction("plugin_route_keys")
+        fnPluginRoute = try vm.apiFunction("plugin_route")
+        fnNewRequest = try vm.apiFunction("new_request")
+        fnCallUpgrade = try vm.apiFunction("call_upgrade")
+        fnUpgradeOutcome = try vm.apiFunction("upgrade_outcome")
+        fnCallRoute = try vm.apiFunction("call_route")
+        fnRouteResponse = try vm.apiFunction("route_response")
         let setVar = try vm.apiFunction("set_var")
         for (name, value) in vars.sorted(by: { $0.key < $1.key }) {
             try vm.call(setVar, [.string(name), .string(value)])
@@ -220,7 +271,7 @@ public final class PluginHost {
     public func prepare(_ set: PluginSet) throws -> Int {
         nextGeneration += 1
         let generation = nextGeneration
-        let setRef = try vm.call(fnNewSet, [.string(set.libraryDirectory), .int(Int64(generation))], wantRef: true).ref!
+        let setRef = try vm.call(fnNewSet, [.string(set.libraryDirectory), .int(Int64(generation)), .string(reservedPaths.joined(separator: "\n"))], wantRef: true).ref!
         var loaded = LoadedPlugins(generation: generation, setRef: setRef)
         loadingGeneration = generation
         defer { loadingGeneration = nil }
@@ -238,15 +289,22 @@ public final class PluginHost {
                 func field(_ name: String, ref: Bool) throws -> LuaResult {
                     try vm.call(fnPluginField, [.ref(setRef), .int(Int64(index + 1)), .string(name)], wantRef: ref)
                 }
-                loaded.plugins.append(LoadedPlugins.Plugin(
+                var plugin = LoadedPlugins.Plugin(
                     name: try field("name", ref: false).string ?? source.name, path: source.path,
                     onOpen: try field("on_open", ref: true).ref,
                     onMessage: try field("on_message", ref: true).ref,
                     onClose: try field("on_close", ref: true).ref,
                     onIdle: try field("on_idle", ref: true).ref,
                     onReload: try field("on_reload", ref: true).ref,
+                    onUpgrade: try field("on_upgrade", ref: true).ref,
                     idle: try field("idle", ref: false).number
-                ))
+                )
+                let index = Int64(index + 1)
+                plugin.paths = try vm.call(fnPluginPaths, [.ref(setRef), .int(index)]).string.map { Set($0.split(separator: "\n").map(String.init)) }
+                for key in (try vm.call(fnPluginRouteKeys, [.ref(setRef), .int(index)]).string ?? "").split(separator: "\n").map(String.init) {
+                    plugin.routes[key] = try vm.call(fnPluginRoute, [.ref(setRef), .int(index), .string(key)], wantRef: true).ref
+                }
+                loaded.plugins.append(plugin)
             }
         } catch {
             retire(loaded)
@@ -275,8 +333,7 @@ public final class PluginHost {
                 do { try vm.call(fnForgetTimer, [.int(id)]) } catch { report(error, plugin: nil, hook: "timer") }
             }
         }
-        let seconds = idleTimers
-        for connection in connections.values { connection.handle.setIdleTimers(seconds) }
+        for connection in connections.values { connection.handle.setIdleTimers(idleTimers(for: connection.path)) }
         if reloading { deliver(.reloaded) }
     }
 
@@ -302,7 +359,10 @@ public final class PluginHost {
         vm.unref(set.setRef)
     }
 
-    private var idleTimers: [Double] { active.idleTimerPlugins.map { active.plugins[$0].idle! } }
+    /// The idle timers of a connection on `path`, in seconds.
+    private func idleTimers(for path: String) -> [Double] {
+        active.chains(for: path).idleTimerPlugins.map { active.plugins[$0].idle! }
+    }
 
     // MARK: events from the engine
 
@@ -317,6 +377,43 @@ public final class PluginHost {
         case resumed(Int64, [LuaArg])
         /// A waiting hook waited longer than `limits.hookTimeout`.
         case hookTimedOut(Int64)
+        case upgrade(ScriptRequest, (ScriptUpgradeDecision) -> Void)
+        case route(ScriptRequest, key: String, (ScriptRouteResponse?) -> Void)
+    }
+
+    /// Runs the plugins' on_upgrade for a valid upgrade request (they may wait), then calls
+    /// `decided` on this loop: the first plugin that returns a status refuses; a plugin that
+    /// fails refuses with 500 (an auth check that breaks must not let everyone in).
+    public func upgrade(_ request: ScriptRequest, decided: @escaping (ScriptUpgradeDecision) -> Void) {
+        deliver(.upgrade(request, decided))
+    }
+
+    /// Whether a plugin has the route `METHOD path`.
+    public func hasRoute(method: String, path: String) -> Bool {
+        active.routes["\(method) \(path)"] != nil
+    }
+
+    /// Runs the route for `request` (it may wait), then calls `answered` on this loop with
+    /// the response, or nil if the route failed (500).
+    public func route(_ request: ScriptRequest, answered: @escaping (ScriptRouteResponse?) -> Void) {
+        deliver(.route(request, key: "\(request.method) \(request.path)", answered))
+    }
+
+    /// The route keys of the plugins that serve, for /luaws/status.
+    public var routeKeys: [String] { active.routes.keys.sorted() }
+
+    /// A request table for on_upgrade or a route.
+    private func makeRequest(_ request: ScriptRequest, upgrade: Bool) -> Int32? {
+        let headerBlock = request.headers.map { "\($0.name): \($0.value)" }.joined(separator: "\n")
+        do {
+            return try vm.call(fnNewRequest, [
+                .string(request.method), .string(request.path), .string(request.query), .string(headerBlock),
+                request.remoteAddress.map { .string($0) } ?? .nil, .bytes(request.body), .bool(upgrade),
+            ], wantRef: true).ref
+        } catch {
+            report(error, plugin: nil, hook: upgrade ? "on_upgrade" : "route")
+            return nil
+        }
     }
 
     public func open(_ handle: ScriptConnection, id: Int64, request: ScriptRequest) {
@@ -368,9 +465,12 @@ public final class PluginHost {
         case .open(let handle, let id, let request):
             let headerBlock = request.headers.map { "\($0.name): \($0.value)" }.joined(separator: "\n")
             let made: Int32?
+            let upgrade = request.upgradeToken.flatMap { upgrades.removeValue(forKey: $0)?.ref }
+            defer { if let upgrade { vm.unref(upgrade) } }
             do {
                 made = try vm.call(
-                    fnNewConn, [.int(id), .string(request.path), .string(request.query), .string(headerBlock), request.subprotocol.map { .string($0) } ?? .nil], wantRef: true
+                    fnNewConn, [.int(id), .string(request.path), .string(request.query), .string(headerBlock), request.subprotocol.map { .string($0) } ?? .nil,
+                                request.remoteAddress.map { .string($0) } ?? .nil, upgrade.map { .ref($0) } ?? .nil], wantRef: true
                 ).ref
             } catch {
                 report(error, plugin: nil, hook: "open")
@@ -381,7 +481,7 @@ public final class PluginHost {
                 return
             }
             connections[id] = Connection(handle: handle, ref: ref, path: request.path)
-            handle.setIdleTimers(idleTimers)
+            handle.setIdleTimers(idleTimers(for: request.path))
             self.handle(.open, of: id)
 
         case .connection(let id, let event):
@@ -399,6 +499,42 @@ public final class PluginHost {
             suspension.timeout?.cancel()
             proceed(suspension, vm.resume(suspension.thread, with: results))
 
+        case .upgrade(let request, let decided):
+            // Request tables of upgrades whose connection never opened.
+            let stale = NIODeadline.now() - .seconds(120)
+            for (token, entry) in upgrades where entry.at < stale {
+                upgrades[token] = nil
+                vm.unref(entry.ref)
+            }
+            guard let ref = makeRequest(request, upgrade: true) else { return decided(.refuse(status: 500, reason: "Internal server error")) }
+            let finished = { [unowned self] in
+                let failed = failedRequests.remove(ref) != nil
+                let outcome = try? vm.call(fnUpgradeOutcome, [.ref(ref)]).string
+                if failed || outcome != nil {
+                    vm.unref(ref)
+                    let parts = outcome?.split(separator: "\n", maxSplits: 1, omittingEmptySubsequences: false)
+                    let status = parts.flatMap { Int($0[0]) } ?? 500
+                    let reason = parts.map { $0.count > 1 ? String($0[1]) : "" } ?? "Internal server error"
+                    decided(.refuse(status: status, reason: reason))
+                } else {
+                    nextUpgrade += 1
+                    upgrades[nextUpgrade] = (ref, .now())
+                    decided(.accept(token: nextUpgrade))
+                }
+            }
+            if run(.upgrade(request: ref, path: request.path), connection: 0, ref: ref, from: 0, finished: finished) { finished() }
+
+        case .route(let request, let key, let answered):
+            guard let ref = makeRequest(request, upgrade: false) else { return answered(nil) }
+            let finished = { [unowned self] in
+                defer { vm.unref(ref) }
+                guard failedRequests.remove(ref) == nil, let packed = try? vm.callForBytes(fnRouteResponse, [.ref(ref)]), packed.count >= 10 else {
+                    return answered(nil)
+                }
+                answered(Self.unpackRoute(packed))
+            }
+            if run(.route(request: ref, key: key), connection: 0, ref: ref, from: 0, finished: finished) { finished() }
+
         case .hookTimedOut(let operation):
             guard let suspension = suspensions.removeValue(forKey: operation) else { return }
             vm.reset(suspension.thread)
@@ -406,7 +542,13 @@ public final class PluginHost {
             errorCount += 1
             let seconds = limits.hookTimeout
             logger.error("script error in \(suspension.plugin?.path ?? "timer") \(suspension.event.hookName): waited longer than \(seconds) s (--hook-timeout); cancelled")
-            finish(suspension, stop: false)
+            switch suspension.event {
+            case .upgrade, .route:
+                failedRequests.insert(suspension.ref)
+                finish(suspension, stop: true)
+            default:
+                finish(suspension, stop: false)
+            }
         }
     }
 
@@ -424,15 +566,19 @@ public final class PluginHost {
 
     /// The functions `event` runs through, in order, with the plugin (index) of each; -1 for
     /// the prelude's timer dispatcher.
-    private func chain(for event: ConnectionEvent, in set: LoadedPlugins) -> [(plugin: Int, function: Int32)] {
+    private func chain(for event: ConnectionEvent, path: String, in set: LoadedPlugins) -> [(plugin: Int, function: Int32)] {
         switch event {
-        case .open: set.hooks[LoadedPlugins.Hook.onOpen.rawValue]
-        case .message: set.hooks[LoadedPlugins.Hook.onMessage.rawValue]
-        case .close: set.hooks[LoadedPlugins.Hook.onClose.rawValue]
-        case .reload: set.hooks[LoadedPlugins.Hook.onReload.rawValue]
+        case .open: set.chains(for: path).hooks[LoadedPlugins.Hook.onOpen.rawValue]
+        case .message: set.chains(for: path).hooks[LoadedPlugins.Hook.onMessage.rawValue]
+        case .close: set.chains(for: path).hooks[LoadedPlugins.Hook.onClose.rawValue]
+        case .reload: set.chains(for: path).hooks[LoadedPlugins.Hook.onReload.rawValue]
         case .idle(let timer):
-            timer < set.idleTimerPlugins.count ? set.plugins[set.idleTimerPlugins[timer]].onIdle.map { [(set.idleTimerPlugins[timer], $0)] } ?? [] : []
+            set.chains(for: path).idleTimerPlugins.indices.contains(timer)
+                ? set.plugins[set.chains(for: path).idleTimerPlugins[timer]].onIdle.map { [(set.chains(for: path).idleTimerPlugins[timer], $0)] } ?? []
+                : []
         case .timer: [(-1, fnFireTimer)]
+        case .upgrade(_, let upgradePath): set.chains(for: upgradePath).hooks[LoadedPlugins.Hook.onUpgrade.rawValue]
+        case .route(_, let key): set.routes[key].map { [($0.plugin, $0.function)] } ?? []
         }
     }
 
@@ -440,9 +586,9 @@ public final class PluginHost {
     /// a hook waits. Returns false if a hook waits: the rest runs when it resumes. A hook that
     /// fails is reported and the next plugin still sees the event. `connection` is 0 for a
     /// plugin timer (which has no connection and no queue).
-    private func run(_ event: ConnectionEvent, connection id: Int64, ref: Int32, from start: Int) -> Bool {
+    private func run(_ event: ConnectionEvent, connection id: Int64, ref: Int32, from start: Int, finished: (() -> Void)? = nil) -> Bool {
         let set = active
-        let functions = chain(for: event, in: set)
+        let functions = chain(for: event, path: id == 0 ? "" : connections[id]?.path ?? "", in: set)
         var index = start
         while index < functions.count {
             guard let thread = takeReadyThread() else {
@@ -460,6 +606,10 @@ public final class PluginHost {
                 vm.run(function, in: thread, [.ref(ref), .int(Int64(code)), .string(reason)])
             case .timer(let timer):
                 vm.run(function, in: thread, [.int(timer)])
+            case .upgrade:
+                vm.run(fnCallUpgrade, in: thread, [.ref(function), .ref(ref)])
+            case .route:
+                vm.run(fnCallRoute, in: thread, [.ref(function), .ref(ref)])
             }
             switch outcome {
             case .done(let stop):
@@ -467,11 +617,14 @@ public final class PluginHost {
             case .failed(let error):
                 discard(thread)
                 report(error, plugin: plugin >= 0 ? set.plugins[plugin] : nil, hook: event.hookName)
+                if case .upgrade = event { failedRequests.insert(ref); return true }
+                if case .route = event { failedRequests.insert(ref); return true }
             case .suspended(let op, let args):
                 readyThread = nil  // it goes with the waiting hook
                 let suspension = Suspension(
                     connection: id, ref: ref, event: event, index: index, generation: set.generation,
                     plugin: plugin >= 0 ? set.plugins[plugin] : nil, thread: thread)
+                suspension.finished = finished
                 if id != 0 { connections[id]?.busy = true }
                 wait(suspension, op: op, args: args)
                 return false
@@ -492,14 +645,28 @@ public final class PluginHost {
         case .failed(let error):
             discard(suspension.thread)
             report(error, plugin: suspension.plugin, hook: suspension.event.hookName)
-            finish(suspension, stop: false)
+            switch suspension.event {
+            case .upgrade, .route:
+                failedRequests.insert(suspension.ref)
+                finish(suspension, stop: true)
+            default:
+                finish(suspension, stop: false)
+            }
         }
     }
 
     /// The waiting hook is over: the rest of its chain runs, then the connection's queue.
     private func finish(_ suspension: Suspension, stop: Bool) {
         let id = suspension.connection
-        guard id != 0, let connection = connections[id] else { return }
+        if id == 0 {
+            var completed = true
+            if !stop, suspension.generation == active.generation {
+                completed = run(suspension.event, connection: 0, ref: suspension.ref, from: suspension.index + 1, finished: suspension.finished)
+            }
+            if completed { suspension.finished?() }
+            return
+        }
+        guard let connection = connections[id] else { return }
         connections[id]?.busy = false
         var completed = true
         if !stop, suspension.generation == active.generation {
@@ -656,6 +823,23 @@ public final class PluginHost {
             at += length
         }
         return arguments.isEmpty ? nil : arguments
+    }
+
+    /// api.call_route's `string.pack("<I2s4s4", status, header lines, body)`.
+    private static func unpackRoute(_ packed: [UInt8]) -> ScriptRouteResponse? {
+        func u32(_ at: Int) -> Int { Int(packed[at]) | Int(packed[at + 1]) << 8 | Int(packed[at + 2]) << 16 | Int(packed[at + 3]) << 24 }
+        let status = Int(packed[0]) | Int(packed[1]) << 8
+        let headerLength = u32(2)
+        guard 6 + headerLength + 4 <= packed.count else { return nil }
+        let headerBlock = String(decoding: packed[6..<6 + headerLength], as: UTF8.self)
+        let bodyLength = u32(6 + headerLength)
+        let bodyStart = 10 + headerLength
+        guard bodyStart + bodyLength == packed.count else { return nil }
+        let headers = headerBlock.split(separator: "\n").compactMap { line -> (name: String, value: String)? in
+            guard let colon = line.firstIndex(of: ":") else { return nil }
+            return (String(line[..<colon]), String(line[line.index(after: colon)...].drop { $0 == " " }))
+        }
+        return ScriptRouteResponse(status: status, headers: headers, body: Array(packed[bodyStart...]))
     }
 
     private func takeReadyThread() -> LuaVM.Thread? {

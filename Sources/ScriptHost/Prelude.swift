@@ -341,7 +341,7 @@ end
 
 ------------------------------------------------------------------------ connections
 local conn_methods = {}
-local READ_ONLY_FIELDS = { id = true, path = true, protocol = true, query = true, headers = true }
+local READ_ONLY_FIELDS = { id = true, path = true, protocol = true, query = true, headers = true, remote_addr = true }
 
 -- conn:send(text), conn:send_binary(bytes) and conn:close(code, reason) are C functions.
 conn_methods.send = core.conn_send
@@ -406,8 +406,17 @@ core.conn_class(conn_methods,
   end,
   function(self) return "luaws.conn(" .. conn_id(self) .. ")" end)
 
-local function new_conn(id, path, query, headers, protocol)
-  return core.new_conn(id, { path = path, protocol = protocol, _raw_query = query, _raw_headers = headers })
+-- `request`: the table on_upgrade saw, whose `data` becomes the connection's.
+local function new_conn(id, path, query, headers, protocol, remote_addr, request)
+  return core.new_conn(id, { path = path, protocol = protocol, remote_addr = remote_addr, _raw_query = query, _raw_headers = headers,
+                             data = request and rawget(request, "data") or nil })
+end
+
+-- The `req` of on_upgrade and of routes: plain tables (parsed at once: not the hot path).
+-- `data` (on_upgrade only) becomes `conn.data` if the upgrade is accepted.
+local function new_request(method, path, query, headers, remote_addr, body, upgrade)
+  return { method = method, path = path, query = parse_query(query), headers = parse_headers(headers),
+           remote_addr = remote_addr, body = body, data = upgrade and {} or nil }
 end
 
 ------------------------------------------------------------------------ sandbox
@@ -484,8 +493,8 @@ local function make_require(set, lib_dir, cache)
 end
 
 ------------------------------------------------------------------------ plugins
-local HOOKS = { on_open = true, on_message = true, on_close = true, on_idle = true, on_reload = true }
-local FIELDS = "hooks are on_open, on_message, on_close, on_idle, on_reload; settings are idle, protocols, name"
+local HOOKS = { on_open = true, on_message = true, on_close = true, on_idle = true, on_reload = true, on_upgrade = true }
+local FIELDS = "hooks are on_upgrade, on_open, on_message, on_close, on_idle, on_reload; settings are idle, protocols, name, paths, routes"
 
 -- Where a plugin field was defined, for load errors: a function knows its line.
 local function field_where(chunkname, v)
@@ -520,6 +529,24 @@ local function load_plugin(set, owner, chunkname, src)
           error(where .. "protocols must be a list of sub-protocol names (tokens), got " .. tostring(p), 0)
         end
       end
+    elseif k == "paths" then
+      if type(v) ~= "table" or #v == 0 then error(where .. "paths must be a list of WebSocket paths, e.g. { \"/chat\" }", 0) end
+      for _, p in ipairs(v) do
+        if type(p) ~= "string" or not p:match("^/[^?#%s]*$") then error(where .. "paths must be paths that start with / (got " .. tostring(p) .. ")", 0) end
+      end
+    elseif k == "routes" then
+      if type(v) ~= "table" then error(where .. "routes must be a table of [\"METHOD /path\"] = function(req)", 0) end
+      for key, fn in pairs(v) do
+        local method, path = type(key) == "string" and key:match("^(%u+) (/[^?#%s]*)$")
+        if not method or not HTTP_METHODS[method] then
+          error(where .. "route " .. tostring(key) .. ": keys are \"METHOD /path\" (GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS)", 0)
+        end
+        if type(fn) ~= "function" then error(where .. "route " .. key .. " must be a function (got " .. type(fn) .. ")", 0) end
+        if set.reserved[path] then error(field_where(chunkname, fn) .. "route " .. key .. " collides with a path the server serves itself (a WebSocket path or /luaws/...)", 0) end
+        local other = set.routes[key]
+        if other then error(field_where(chunkname, fn) .. "route " .. key .. " is also defined by " .. other, 0) end
+        set.routes[key] = chunkname
+      end
     elseif k == "name" then
       if type(v) ~= "string" or not v:match("^[%w_%-%.]+$") then
         error(where .. "name must be a string of letters, digits, _ - . (got " .. tostring(v) .. ")", 0)
@@ -538,8 +565,10 @@ local api = {}
 
 -- A plugin set: every plugin of one load, in order. All-or-nothing: it serves only once
 -- Swift activates it, and its plugin timers end when it is retired.
-function api.new_set(lib_dir, generation)
-  local set = { plugins = {}, generation = generation }
+-- `reserved`: paths routes may not take, one a line.
+function api.new_set(lib_dir, generation, reserved)
+  local set = { plugins = {}, generation = generation, routes = {}, reserved = {} }
+  for p in gmatch(reserved or "", "[^\n]+") do set.reserved[p] = true end
   set.require = make_require(set, lib_dir, {})
   return set
 end
@@ -552,6 +581,58 @@ end
 function api.plugin_field(set, index, field)
   return set.plugins[index][field]
 end
+
+-- A plugin's `paths`, one a line (nil: every path); its route keys, one a line; one route.
+function api.plugin_paths(set, index)
+  local paths = set.plugins[index].paths
+  return paths and concat(paths, "\n") or nil
+end
+function api.plugin_route_keys(set, index)
+  local keys = {}
+  for k in pairs(set.plugins[index].routes or {}) do keys[#keys + 1] = k end
+  table.sort(keys)
+  return #keys > 0 and concat(keys, "\n") or nil
+end
+function api.plugin_route(set, index, key) return set.plugins[index].routes[key] end
+
+api.new_request = new_request
+
+-- on_upgrade(req) returns nothing (accept: the next plugin decides) or a status 400-599 and
+-- a reason (refuse: later plugins do not run).
+function api.call_upgrade(fn, req)
+  local status, reason = fn(req)
+  if status == nil then return false end
+  if math.type(status) ~= "integer" or status < 400 or status > 599 then
+    error("on_upgrade must return nothing (accept) or a status from 400 to 599 and a reason (got " .. tostring(status) .. ")", 0)
+  end
+  rawset(req, "_refused", status .. "\n" .. tostring(reason or ""))
+  return true
+end
+function api.upgrade_outcome(req) return rawget(req, "_refused") end
+
+-- A route returns status [, headers [, body]]: the answer is packed for Swift.
+function api.call_route(fn, req)
+  local status, headers, body = fn(req)
+  if status == nil then status = 200 end
+  if math.type(status) ~= "integer" or status < 200 or status > 599 then
+    error("a route must return a status from 200 to 599 (got " .. tostring(status) .. ")", 0)
+  end
+  local lines = {}
+  if headers ~= nil then
+    if type(headers) ~= "table" then error("a route's headers must be a table of name = value", 0) end
+    for k, v in pairs(headers) do
+      v = tostring(v)
+      if type(k) ~= "string" or not k:match("^[!#$%%&'*+%-.^_`|~%w]+$") or v:find("[\r\n%z]") then
+        error("a route's header " .. tostring(k) .. " is not a valid header", 0)
+      end
+      lines[#lines + 1] = k .. ": " .. v
+    end
+  end
+  if body ~= nil and type(body) ~= "string" then body = tostring(body) end
+  rawset(req, "_response", pack_bytes("<I2s4s4", status, concat(lines, "\n"), body or ""))
+  return true
+end
+function api.route_response(req) return rawget(req, "_response") end
 
 function api.set_var(name, value) vars[name] = value end
 
@@ -589,9 +670,10 @@ function api.describe()
   add("shared", shared)
   add("conn", conn_methods)
   add("conn", lazy_fields)
-  for _, f in ipairs({ "path", "protocol" }) do lines[#lines + 1] = "conn " .. f end
+  for _, f in ipairs({ "path", "protocol", "remote_addr" }) do lines[#lines + 1] = "conn " .. f end
   add("plugin", HOOKS)
-  for _, f in ipairs({ "idle", "protocols", "name" }) do lines[#lines + 1] = "plugin " .. f end
+  for _, f in ipairs({ "idle", "protocols", "name", "paths", "routes" }) do lines[#lines + 1] = "plugin " .. f end
+  for _, f in ipairs({ "method", "path", "query", "headers", "remote_addr", "body", "data" }) do lines[#lines + 1] = "request " .. f end
   table.sort(lines)
   return concat(lines, "\n")
 end

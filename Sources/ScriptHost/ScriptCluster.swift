@@ -42,8 +42,12 @@ public final class ScriptCluster: Sendable {
     private let pendingDelivery = NIOLockedValueBox(0)
     private let state: NIOLockedValueBox<(set: PluginSet, status: ReloadStatus)>
 
-    public init(plugins: PluginSet, vars: [String: String] = [:], limits: ScriptLimits = .init(), logger: Logger, services: ScriptServices? = nil) {
+    /// Paths plugin routes may not take.
+    public let reservedPaths: [String]
+
+    public init(plugins: PluginSet, vars: [String: String] = [:], limits: ScriptLimits = .init(), logger: Logger, services: ScriptServices? = nil, reservedPaths: [String] = []) {
         self.services = services
+        self.reservedPaths = reservedPaths
         self.vars = vars
         self.limits = limits
         self.logger = logger
@@ -58,7 +62,7 @@ public final class ScriptCluster: Sendable {
         let set = state.withLockedValue { $0.set }
         // The first loop's host is the primary: it alone runs top-level plugin timers.
         let isPrimary = members.withLockedValue { $0.isEmpty }
-        let host = try PluginHost(plugins: set, vars: vars, limits: limits, logger: logger, cluster: self, eventLoop: eventLoop, isPrimary: isPrimary, services: services)
+        let host = try PluginHost(plugins: set, vars: vars, limits: limits, logger: logger, cluster: self, eventLoop: eventLoop, isPrimary: isPrimary, services: services, reservedPaths: reservedPaths)
         members.withLockedValue { $0.append(Member(eventLoop: eventLoop, host: NIOLoopBound(host, eventLoop: eventLoop))) }
         return host
     }

@@ -21,10 +21,56 @@ public protocol WebSocketApplication: AnyObject {
     func closed(_ connection: WebSocketConnection, code: UInt16, reason: String)
     /// Picks one of the sub-protocols a client offers (`Sec-WebSocket-Protocol`), or nil for none.
     func subprotocol(offered: [String], path: String) -> String?
+    /// Accepts or refuses a valid upgrade request before the server answers it; may take its
+    /// time (the client waits, up to the handshake timeout). Called once per request.
+    func shouldUpgrade(_ request: WebSocketRequest, on eventLoop: EventLoop) -> EventLoopFuture<UpgradeDecision>
+    /// Whether the application answers `method path` itself (`route`); asked when a request's
+    /// head arrives, so that its body is kept (up to `maxBodySize`) only when someone wants it.
+    func hasRoute(method: String, path: String) -> Bool
+    /// Answers a plain HTTP request for which `hasRoute` said yes.
+    func route(_ request: RoutedRequest, on eventLoop: EventLoop) -> EventLoopFuture<RoutedResponse>
 }
 
 extension WebSocketApplication {
     public func subprotocol(offered: [String], path: String) -> String? { nil }
+    public func shouldUpgrade(_ request: WebSocketRequest, on eventLoop: EventLoop) -> EventLoopFuture<UpgradeDecision> {
+        eventLoop.makeSucceededFuture(.accept(context: nil))
+    }
+    public func hasRoute(method: String, path: String) -> Bool { false }
+    public func route(_ request: RoutedRequest, on eventLoop: EventLoop) -> EventLoopFuture<RoutedResponse> {
+        eventLoop.makeSucceededFuture(RoutedResponse(status: 404, headers: [], body: ByteBuffer(string: "Not found\n")))
+    }
+}
+
+/// What the application says about an upgrade request.
+public enum UpgradeDecision: Sendable {
+    /// Upgrade; `context` comes back as `WebSocketRequest.context` when the connection opens.
+    case accept(context: Int64?)
+    /// Answer with this HTTP status (400–599) and this text instead.
+    case refuse(status: Int, reason: String)
+}
+
+/// A plain HTTP request the application answers (a plugin route).
+public struct RoutedRequest: Sendable {
+    public var method: String
+    public var path: String
+    /// Without `?`.
+    public var query: String
+    public var headers: HTTPHeaders
+    public var body: ByteBuffer
+    public var remoteAddress: String?
+}
+
+public struct RoutedResponse: Sendable {
+    public var status: Int
+    public var headers: [(name: String, value: String)]
+    public var body: ByteBuffer
+
+    public init(status: Int, headers: [(name: String, value: String)], body: ByteBuffer) {
+        self.status = status
+        self.headers = headers
+        self.body = body
+    }
 }
 
 /// What the opening request asked for.
@@ -33,9 +79,12 @@ public struct WebSocketRequest: Sendable {
     /// The query string without `?` (empty if none).
     public var query: String
     public var headers: HTTPHeaders
+    /// The client's IP address, without port (with trusted proxies: see `ServerConfiguration.trustedProxies`).
     public var remoteAddress: String?
     /// The negotiated sub-protocol, if any.
     public var subprotocol: String?
+    /// What the application's `shouldUpgrade` accepted the request with.
+    public var context: Int64?
 }
 
 /// One client connection, as the application sees it. Used on its event loop only.

@@ -54,6 +54,12 @@ public struct ServerConfiguration: Sendable {
     /// How long the server waits for the client's close frame after sending its own.
     public var closeTimeout: TimeAmount = .seconds(5)
 
+    /// Proxies whose `X-Forwarded-For` is believed when they connect (`--trust-proxy`): the
+    /// client's address is then the rightmost entry outside these ranges.
+    public var trustedProxies: [IPRange] = []
+    /// Largest request body a plain HTTP request to an application route may have (413 past it).
+    public var maxBodySize = 1 << 20
+
     /// Extra HTTP GET endpoints (exact paths), answered before the public folder: e.g. a status page.
     public var routes: [String: HTTPRoute] = [:]
 

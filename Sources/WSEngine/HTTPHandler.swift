@@ -24,15 +24,21 @@ final class HTTPHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private let configuration: ServerConfiguration
     private let files: StaticFiles?
     private let counter: ConnectionCounter
+    /// The loop's state: the application (routes, refusals it decided).
+    private let loop: NIOLoopBound<LoopState>?
     private var head: HTTPRequestHead?
+    /// The body of a request for an application route, kept up to `maxBodySize`.
+    private var body: ByteBuffer?
+    private var bodyTooLarge = false
     /// Closes the connection if no complete request comes in time (armed between requests).
     private var timeout: Scheduled<Void>?
     /// A complete request not answered yet because the client has not read the previous answers.
-    private var held: HTTPRequestHead?
+    private var held: (head: HTTPRequestHead, body: ByteBuffer?)?
     /// A `read()` kept back while a request is held.
     private var readPending = false
 
-    init(configuration: ServerConfiguration, files: StaticFiles?, counter: ConnectionCounter) {
+    init(configuration: ServerConfiguration, files: StaticFiles?, counter: ConnectionCounter, loop: NIOLoopBound<LoopState>?) {
+        self.loop = loop
         self.configuration = configuration
         self.files = files
         self.counter = counter
@@ -69,16 +75,32 @@ final class HTTPHandler: ChannelDuplexHandler, RemovableChannelHandler {
         switch unwrapInboundIn(data) {
         case .head(let head):
             self.head = head
-        case .body:
-            break
+            bodyTooLarge = false
+            let path = head.pathAndQuery.path
+            let routed = configuration.routes[path] == nil && !configuration.webSocketPaths.contains(path)
+                && loop?.value.application.hasRoute(method: head.method.rawValue, path: path) == true
+            body = routed ? context.channel.allocator.buffer(capacity: 0) : nil
+        case .body(var part):
+            guard body != nil, !bodyTooLarge else { return }
+            if body!.readableBytes + part.readableBytes > configuration.maxBodySize {
+                bodyTooLarge = true
+                body = context.channel.allocator.buffer(capacity: 0)  // what was kept goes now
+            } else {
+                body!.writeBuffer(&part)
+            }
         case .end:
             guard let head else { return }
             self.head = nil
+            let body = self.body
+            self.body = nil
             timeout?.cancel()
-            if held == nil && context.channel.isWritable {
-                respond(to: head, context: context)
+            if bodyTooLarge {
+                bodyTooLarge = false
+                send(.payloadTooLarge, "Request body larger than \(configuration.maxBodySize) bytes\n", extra: [("Connection", "close")], head: head, context: context, close: true)
+            } else if held == nil && context.channel.isWritable {
+                respond(to: head, body: body, context: context)
             } else if held == nil {
-                held = head
+                held = (head, body)
             } else {
                 // A second request while one is held: NIO's pipeline handler never delivers
                 // one, but should it, hold no more than one.
@@ -96,9 +118,9 @@ final class HTTPHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable, let head = held {
+        if context.channel.isWritable, let (head, body) = held {
             held = nil
-            respond(to: head, context: context)
+            respond(to: head, body: body, context: context)
             if held == nil && readPending {
                 readPending = false
                 context.read()
@@ -114,11 +136,16 @@ final class HTTPHandler: ChannelDuplexHandler, RemovableChannelHandler {
         context.close(promise: nil)
     }
 
-    private func respond(to head: HTTPRequestHead, context: ChannelHandlerContext) {
-        let path = head.pathAndQuery.path
+    private func respond(to head: HTTPRequestHead, body: ByteBuffer?, context: ChannelHandlerContext) {
+        let (path, query) = head.pathAndQuery
         if configuration.webSocketPaths.contains(path) {
             let version = head.headers["Sec-WebSocket-Version"].first
-            if !Self.originAllowed(head, configuration) {
+            if let refusal = loop?.value.refusedUpgrades.removeValue(forKey: ObjectIdentifier(context.channel)) {
+                // The application's answer (on_upgrade), or the connection limit it ran into.
+                let status = HTTPResponseStatus(statusCode: refusal.status)
+                let text = refusal.reason.hasSuffix("\n") || refusal.reason.isEmpty ? refusal.reason : refusal.reason + "\n"
+                send(status, text, extra: status == .serviceUnavailable ? [("Retry-After", "5")] : [], head: head, context: context)
+            } else if !Self.originAllowed(head, configuration) {
                 send(.forbidden, "Origin not allowed\n", head: head, context: context)
             } else if counter.isFull && head.headers["Upgrade"].contains(where: { $0.lowercased().contains("websocket") }) {
                 send(.serviceUnavailable, "Too many connections\n", extra: [("Retry-After", "5")], head: head, context: context)
@@ -152,6 +179,26 @@ final class HTTPHandler: ChannelDuplexHandler, RemovableChannelHandler {
             }
             return
         }
+        if let body, let application = loop?.value.application {
+            let request = RoutedRequest(
+                method: head.method.rawValue, path: path, query: query, headers: head.headers, body: body,
+                remoteAddress: ClientAddress.resolve(peer: context.channel.remoteAddress, headers: head.headers, trusted: configuration.trustedProxies))
+            let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+            application.route(request, on: context.eventLoop).whenComplete { result in
+                let (handler, context) = loopBound.value
+                switch result {
+                case .success(let response):
+                    var headers = response.headers
+                    let contentType = headers.first { $0.name.lowercased() == "content-type" }?.value ?? "text/plain; charset=utf-8"
+                    headers.removeAll { ["content-type", "content-length", "connection", "transfer-encoding"].contains($0.name.lowercased()) }
+                    handler.send(HTTPResponseStatus(statusCode: response.status), body: response.body, contentType: contentType,
+                                 extra: headers.map { ($0.name, $0.value) }, head: head, context: context)
+                case .failure:
+                    handler.send(.internalServerError, "Internal server error\n", head: head, context: context)
+                }
+            }
+            return
+        }
         guard head.method == .GET || head.method == .HEAD else {
             send(.methodNotAllowed, "Method not allowed\n", extra: [("Allow", "GET, HEAD")], head: head, context: context)
             return
@@ -172,18 +219,19 @@ final class HTTPHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
     }
 
-    private func send(_ status: HTTPResponseStatus, _ text: String, extra: [(String, String)] = [], head: HTTPRequestHead, context: ChannelHandlerContext) {
+    private func send(_ status: HTTPResponseStatus, _ text: String, extra: [(String, String)] = [], head: HTTPRequestHead, context: ChannelHandlerContext, close: Bool = false) {
         var body = context.channel.allocator.buffer(capacity: text.utf8.count)
         body.writeString(text)
-        send(status, body: body, contentType: "text/plain; charset=utf-8", extra: extra, head: head, context: context)
+        send(status, body: body, contentType: "text/plain; charset=utf-8", extra: extra, head: head, context: context, close: close)
     }
 
-    private func send(_ status: HTTPResponseStatus, body: ByteBuffer, contentType: String, extra: [(String, String)] = [], head: HTTPRequestHead, context: ChannelHandlerContext) {
+    /// `close`: end the connection after this answer (the rest of a too-large body is not read).
+    private func send(_ status: HTTPResponseStatus, body: ByteBuffer, contentType: String, extra: [(String, String)] = [], head: HTTPRequestHead, context: ChannelHandlerContext, close: Bool = false) {
         var headers = HTTPHeaders([("Content-Type", contentType), ("Content-Length", String(body.readableBytes))])
         headers.add(contentsOf: extra)
         headers.add(name: "X-Content-Type-Options", value: "nosniff")
-        let keepAlive = head.isKeepAlive
-        if !keepAlive { headers.add(name: "Connection", value: "close") }
+        let keepAlive = head.isKeepAlive && !close
+        if !keepAlive && !headers.contains(name: "Connection") { headers.add(name: "Connection", value: "close") }
         context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))), promise: nil)
         if head.method != .HEAD { context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil) }
         let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))

@@ -9,35 +9,62 @@ struct ServerPipeline: Sendable {
     let configuration: ServerConfiguration
     let files: StaticFiles?
     let counter: ConnectionCounter
+    private let loops: [ObjectIdentifier: NIOLoopBound<LoopState>]
     private let upgrader: NIOWebSocketServerUpgrader
 
     init(configuration: ServerConfiguration, files: StaticFiles?, loops: [ObjectIdentifier: NIOLoopBound<LoopState>]) {
         self.configuration = configuration
         self.files = files
+        self.loops = loops
         let counter = ConnectionCounter(limit: configuration.maxConnections)
         self.counter = counter
         upgrader = NIOWebSocketServerUpgrader(
             maxFrameSize: configuration.maxFrameSize,
             automaticErrorHandling: false,  // WebSocketConnectionHandler answers protocol errors
             shouldUpgrade: { channel, head in
-                // Refusals return nil; HTTPHandler then answers the request with the reason.
-                guard let loop = loops[ObjectIdentifier(channel.eventLoop)]?.value,
-                      let agreed = Handshake(head, configuration: configuration, application: loop.application),
-                      counter.acquire()
+                // Refusals return nil; HTTPHandler then answers the request with the reason
+                // (the application's own status, if it refused).
+                guard let bound = loops[ObjectIdentifier(channel.eventLoop)],
+                      let agreed = Handshake(head, configuration: configuration, application: bound.value.application)
                 else {
                     return channel.eventLoop.makeSucceededFuture(nil)
                 }
-                channel.closeFuture.whenComplete { _ in counter.release() }
-                return channel.eventLoop.makeSucceededFuture(agreed.responseHeaders)
+                var asked = WebSocketRequest(head: head, peer: channel.remoteAddress, configuration: configuration)
+                asked.subprotocol = agreed.subprotocol
+                let request = asked
+                let key = ObjectIdentifier(channel)
+                channel.closeFuture.whenComplete { _ in
+                    bound.value.acceptedUpgrades[key] = nil
+                    bound.value.refusedUpgrades[key] = nil
+                }
+                return bound.value.application.shouldUpgrade(request, on: channel.eventLoop).map { decision -> HTTPHeaders? in
+                    let loop = bound.value
+                    switch decision {
+                    case .refuse(let status, let reason):
+                        loop.refusedUpgrades[key] = ((400...599).contains(status) ? status : 403, reason)
+                        return nil
+                    case .accept(let context):
+                        // The slot is taken only once the application accepted.
+                        guard counter.acquire() else {
+                            loop.refusedUpgrades[key] = (503, "Too many connections\n")
+                            return nil
+                        }
+                        channel.closeFuture.whenComplete { _ in counter.release() }
+                        var accepted = request
+                        accepted.context = context
+                        loop.acceptedUpgrades[key] = (accepted, agreed)
+                        return agreed.responseHeaders
+                    }
+                }
             },
             upgradePipelineHandler: { channel, head in
                 channel.eventLoop.makeCompletedFuture {
                     let loop = loops[ObjectIdentifier(channel.eventLoop)]!.value
-                    let agreed = Handshake(head, configuration: configuration, application: loop.application)
-                    var request = WebSocketRequest(head: head, remoteAddress: channel.remoteAddress)
-                    request.subprotocol = agreed?.subprotocol
+                    guard let (request, agreed) = loop.acceptedUpgrades.removeValue(forKey: ObjectIdentifier(channel)) else {
+                        throw ChannelError.inappropriateOperationForState
+                    }
                     let handler = WebSocketConnectionHandler(
-                        id: loop.makeID(), request: request, deflate: agreed?.deflate, loop: loop, configuration: configuration)
+                        id: loop.makeID(), request: request, deflate: agreed.deflate, loop: loop, configuration: configuration)
                     // NIO's upgrader always installs its frame codec. The handler parses frames
                     // itself (FrameParser) and so goes *before* NIO's decoder, taking the bytes
                     // ahead of it; it encodes its frames itself too, writing them through
@@ -55,7 +82,7 @@ struct ServerPipeline: Sendable {
     }
 
     func configure(_ channel: Channel) throws {
-        let http = HTTPHandler(configuration: configuration, files: files, counter: counter)
+        let http = HTTPHandler(configuration: configuration, files: files, counter: counter, loop: loops[ObjectIdentifier(channel.eventLoop)])
         try channel.pipeline.syncOperations.configureHTTPServerPipeline(
             withServerUpgrade: (upgraders: [upgrader], completionHandler: { context in
                 context.pipeline.syncOperations.removeHandler(name: "luaws.http", promise: nil)

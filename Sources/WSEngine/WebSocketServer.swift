@@ -131,8 +131,9 @@ extension WebSocketRequest {
             .map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
     }
 
-    init(head: HTTPRequestHead, remoteAddress: SocketAddress?) {
+    init(head: HTTPRequestHead, peer: SocketAddress?, configuration: ServerConfiguration) {
         let (path, query) = head.pathAndQuery
-        self.init(path: path, query: query, headers: head.headers, remoteAddress: remoteAddress?.description, subprotocol: nil)
+        let client = ClientAddress.resolve(peer: peer, headers: head.headers, trusted: configuration.trustedProxies)
+        self.init(path: path, query: query, headers: head.headers, remoteAddress: client, subprotocol: nil, context: nil)
     }
 }

@@ -107,6 +107,12 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Redis for luaws.redis: redis://[:PASSWORD@]HOST:PORT[/DB] (the password is never logged).")
     var redis: String?
 
+    @Option(name: .customLong("trust-proxy"), help: "A proxy (IP or CIDR) whose X-Forwarded-For is believed for conn.remote_addr (repeatable).")
+    var trustedProxies: [String] = []
+
+    @Option(help: "Largest request body a plugin route accepts, in bytes (larger: 413).")
+    var maxBodySize = ServerConfiguration().maxBodySize
+
     @Option(name: .customLong("var-file"), help: "A file of NAME=VALUE lines (# comments) for luaws.var, so that secrets stay off the command line (repeatable; --var wins).")
     var varFiles: [String] = []
 
@@ -168,6 +174,10 @@ struct Serve: AsyncParsableCommand {
         for value in [maxPendingMessages, maxPendingBytes, httpMaxResponse] where value < 1 {
             throw ValidationError("--max-pending-messages, --max-pending-bytes and --http-max-response must be at least 1")
         }
+        for proxy in trustedProxies where IPRange(proxy) == nil {
+            throw ValidationError("--trust-proxy takes an IP address or a CIDR range, e.g. 10.0.0.0/8, got '\(proxy)'")
+        }
+        if maxBodySize < 0 { throw ValidationError("--max-body-size must be 0 or more") }
         if let redis {
             do { _ = try RedisURL(redis) } catch { throw ValidationError("--redis: \(error)") }
         }
@@ -226,6 +236,8 @@ struct Serve: AsyncParsableCommand {
         configuration.idleTimeout = idleTimeout > 0 ? .option(idleTimeout) : nil
         configuration.maxOutboundBytes = maxOutboundBytes
         configuration.slowConsumerPolicy = slowConsumer
+        configuration.trustedProxies = trustedProxies.compactMap(IPRange.init)
+        configuration.maxBodySize = maxBodySize
         if let threads { configuration.eventLoops = threads }
         var isDirectory: ObjCBool = false
         if FileManager.default.fileExists(atPath: publicDirectory, isDirectory: &isDirectory), isDirectory.boolValue {
@@ -234,9 +246,12 @@ struct Serve: AsyncParsableCommand {
             logger.warning("public folder \(publicDirectory) not found: serving no page")
         }
 
-        let cluster = ScriptCluster(plugins: plugins, vars: pluginVars, limits: limits, logger: logger, services: services)
+        let statusPath = "/luaws/status"
+        let cluster = ScriptCluster(
+            plugins: plugins, vars: pluginVars, limits: limits, logger: logger, services: services,
+            reservedPaths: webSocketPaths + [statusPath])
         let scriptsFolder = scripts
-        configuration.routes["/luaws/status"] = { eventLoop in
+        configuration.routes[statusPath] = { eventLoop in
             eventLoop.makeFutureWithTask { await StatusPage.json(cluster, scripts: scriptsFolder) }
         }
 
