@@ -146,8 +146,13 @@ luaws.shared = setmetatable({}, { __index = shared, __newindex = function() erro
 luaws.json = {
   encode = core.json_encode,
   decode = core.json_decode,
-  --- JSON null, as decoded (and as encoded: nil in an array would end it).
+  --- JSON null, as decoded (and as encoded: nil in an array would be a hole).
   null = core.null,
+  --- Encodes as []: an empty array (an empty table encodes as {}).
+  empty_array = core.json_empty_array,
+  --- json.array(t) marks t (a new table without t) as an array, so that it encodes as [] when
+  --- empty; decoded arrays are marked. Returns t.
+  array = core.json_array,
 }
 
 ------------------------------------------------------------------------ connections
