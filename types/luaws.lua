@@ -71,15 +71,24 @@ function Shared:incr(key, by) end
 
 ---@class luaws.JSON
 ---@field null lightuserdata JSON null (decoded as this; encode it to write null).
+---@field empty_array userdata Encodes as `[]` (an empty table encodes as `{}`).
 local JSON = {}
----Encodes a value (tables with keys 1..n become arrays; others objects; keys sorted).
+---Encodes a value. Tables with keys 1..n (or marked with `json.array`) become arrays, tables
+---with string keys objects (keys sorted); holes, mixed keys and other key types are errors.
+---Strings must be valid UTF-8.
 ---@param value any
 ---@return string
 function JSON.encode(value) end
----Decodes JSON text; raises an error if it is not valid JSON.
+---Decodes JSON text; raises an error with the line and column if it is not valid JSON.
+---Arrays come back marked with `json.array`, null as `json.null`.
 ---@param text string
 ---@return any
 function JSON.decode(text) end
+---Marks `t` (or a new table) as an array, so that it encodes as `[]` when empty. Returns it.
+---@generic T: table
+---@param t? T
+---@return T
+function JSON.array(t) end
 
 ---@class luaws
 ---@field version string

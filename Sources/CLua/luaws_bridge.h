@@ -5,9 +5,10 @@
  *  - Swift calls into Lua only through luaws_open, luaws_call and
  *    luaws_unref; each of them runs its Lua work under lua_pcall, so no Lua
  *    error (syntax, runtime, memory, budget) can longjmp through Swift.
- *  - The C functions Lua can call (the `core` table) are written here, check
- *    their arguments in C, and reach Swift through the callbacks in
- *    luaws_host, which take plain values and never call back into Lua.
+ *  - The C functions Lua can call (the `core` table) are written here and in
+ *    luaws_json.h, check their arguments in C, and reach Swift through the
+ *    callbacks in luaws_host, which take plain values and never call back
+ *    into Lua.
  *  - Every path leaves the Lua stack as it found it.
  *  - Memory: every allocation of the state goes through luaws_alloc, which
  *    refuses (returns NULL, so Lua raises LUA_ERRMEM) past mem_limit.
@@ -15,6 +16,9 @@
  *    running code gets an error, and from then on every instruction of every
  *    coroutine of the state errors too, so a script cannot catch the error
  *    with pcall and carry on. The hook is disarmed when the call returns.
+ *    The hook never fires inside a C function, so C functions whose work
+ *    grows with their input or output (JSON, and the string and table
+ *    functions replaced by luaws_strlib.h) pay for it with luaws_charge.
  */
 #ifndef LUAWS_BRIDGE_H
 #define LUAWS_BRIDGE_H
