@@ -11,6 +11,7 @@
  *    compared, searched or copied; gsub also pays for the bytes it writes;
  *  - string.rep: its whole size, checked for overflow and charged before anything is
  *    allocated; string.format and table.concat: per item and per byte written, as they go;
+ *  - string.sub, reverse, lower and upper: the bytes they copy, before allocating;
  *  - table.insert/remove (the elements shifted), table.move (per element, before moving) and
  *    table.sort (n log n, before sorting).
  * string.dump is removed (bytecode is refused anyway, and it would expose function internals).
@@ -1470,6 +1471,80 @@ static int luaws_str_rep (lua_State *L) {
 
 
 /*
+** Lua 5.4.4's string.sub, reverse, lower and upper, charged for the bytes they copy (sub:
+** memcpy, one unit per LUAWS_BYTES_PER_UNIT) or walk one by one (one unit per
+** LUAWS_BYTES_PER_LOOP_UNIT), before allocating.
+*/
+#define LUAWS_BYTES_PER_LOOP_UNIT 8
+
+static size_t luaws_getendpos (lua_State *L, int arg, lua_Integer def,
+                         size_t len) {
+  lua_Integer pos = luaL_optinteger(L, arg, def);
+  if (pos > (lua_Integer)len)
+    return len;
+  else if (pos >= 0)
+    return (size_t)pos;
+  else if (pos < -(lua_Integer)len)
+    return 0;
+  else return len + (size_t)pos + 1;
+}
+
+static int luaws_str_sub (lua_State *L) {
+  size_t l;
+  const char *s = luaL_checklstring(L, 1, &l);
+  size_t start = luaws_pm_posrelatI(luaL_checkinteger(L, 2), l);
+  size_t end = luaws_getendpos(L, 3, -1, l);
+  if (start <= end) {
+    luaws_charge(L, 1 + (lua_Integer)(((end - start) + 1) / LUAWS_BYTES_PER_UNIT));  /* luaws */
+    lua_pushlstring(L, s + start - 1, (end - start) + 1);
+  }
+  else lua_pushliteral(L, "");
+  return 1;
+}
+
+
+static int luaws_str_reverse (lua_State *L) {
+  size_t l, i;
+  luaL_Buffer b;
+  const char *s = luaL_checklstring(L, 1, &l);
+  luaws_charge(L, 1 + (lua_Integer)(l / LUAWS_BYTES_PER_LOOP_UNIT));  /* luaws */
+  char *p = luaL_buffinitsize(L, &b, l);
+  for (i = 0; i < l; i++)
+    p[i] = s[l - i - 1];
+  luaL_pushresultsize(&b, l);
+  return 1;
+}
+
+
+static int luaws_str_lower (lua_State *L) {
+  size_t l;
+  size_t i;
+  luaL_Buffer b;
+  const char *s = luaL_checklstring(L, 1, &l);
+  luaws_charge(L, 1 + (lua_Integer)(l / LUAWS_BYTES_PER_LOOP_UNIT));  /* luaws */
+  char *p = luaL_buffinitsize(L, &b, l);
+  for (i=0; i<l; i++)
+    p[i] = tolower(LUAWS_PM_UCHAR(s[i]));
+  luaL_pushresultsize(&b, l);
+  return 1;
+}
+
+
+static int luaws_str_upper (lua_State *L) {
+  size_t l;
+  size_t i;
+  luaL_Buffer b;
+  const char *s = luaL_checklstring(L, 1, &l);
+  luaws_charge(L, 1 + (lua_Integer)(l / LUAWS_BYTES_PER_LOOP_UNIT));  /* luaws */
+  char *p = luaL_buffinitsize(L, &b, l);
+  for (i=0; i<l; i++)
+    p[i] = toupper(LUAWS_PM_UCHAR(s[i]));
+  luaL_pushresultsize(&b, l);
+  return 1;
+}
+
+
+/*
 ** luaws: puts the charged functions in the real `string` and `table` tables (the string
 ** metatable's __index is that `string` table, so ("x"):rep reaches them too), and removes
 ** string.dump. Run right after luaL_openlibs, before the prelude copies the tables.
@@ -1482,6 +1557,10 @@ static void luaws_open_charged_libs (lua_State *L) {
     {"gsub", luaws_pm_str_gsub},
     {"rep", luaws_str_rep},
     {"format", luaws_str_format},
+    {"sub", luaws_str_sub},
+    {"reverse", luaws_str_reverse},
+    {"lower", luaws_str_lower},
+    {"upper", luaws_str_upper},
     {NULL, NULL}
   };
   static const luaL_Reg tabfuncs[] = {

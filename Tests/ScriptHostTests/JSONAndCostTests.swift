@@ -286,6 +286,14 @@ final class JSONAndCostTests: XCTestCase {
         XCTAssertTrue(move.errors.last { $0.contains("script error") }?.contains("instruction budget exceeded") == true, "\(move.errors)")
     }
 
+    func testCopiesOfABigStringAreCharged() throws {
+        for call in ["big:upper()", "big:sub(2)", "big:reverse()", "big:gsub('x', 'y')", "string.format('%s', big)"] {
+            let result = try failure("local big = ('x'):rep(1e7) for i = 1, 1e6 do local u = \(call) end")
+            XCTAssertTrue(result.errors.last?.contains("scripts/p.lua:3: instruction budget exceeded") == true, "\(call): \(result.errors)")
+            XCTAssertLessThan(result.seconds, 5, call)
+        }
+    }
+
     func testStringDumpIsGone() throws {
         XCTAssertEqual(try replies(#"conn:send(type(string.dump) .. " " .. type(("").dump) .. " " .. tostring(("x"):rep(3)))"#, ["x"]), ["nil nil xxx"])
     }
