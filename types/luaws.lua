@@ -9,6 +9,7 @@
 ---@field id integer Unique in the process.
 ---@field path string The request path, e.g. "/ws".
 ---@field protocol string? The negotiated sub-protocol (one of the plugins' `protocols`), or nil.
+---@field remote_addr string? The client's IP address (no port); behind `--trust-proxy` proxies, the address they forwarded.
 ---@field query table<string, string> The query string, parsed (`?room=blue` -> `query.room`).
 ---@field headers table<string, string> Request headers, names in lower case.
 ---@field data table Your own per-connection table; lives as long as the connection, across reloads.
@@ -79,20 +80,31 @@ function Shared:incr(key, by) end
 
 ---@class luaws.JSON
 ---@field null lightuserdata JSON null (decoded as this; encode it to write null).
+---@field empty_array userdata Encodes as `[]` (an empty table encodes as `{}`).
 local JSON = {}
----Encodes a value (tables with keys 1..n become arrays; others objects; keys sorted).
+---Encodes a value. Tables with keys 1..n (or marked with `json.array`) become arrays, tables
+---with string keys objects (keys sorted); holes, mixed keys and other key types are errors.
+---Strings must be valid UTF-8.
 ---@param value any
 ---@return string
 function JSON.encode(value) end
----Decodes JSON text; raises an error if it is not valid JSON.
+---Decodes JSON text; raises an error with the line and column if it is not valid JSON.
+---Arrays come back marked with `json.array`, null as `json.null`.
 ---@param text string
 ---@return any
 function JSON.decode(text) end
+---Marks `t` (or a new table) as an array, so that it encodes as `[]` when empty. Returns it.
+---@generic T: table
+---@param t? T
+---@return T
+function JSON.array(t) end
 
 ---@class luaws
 ---@field version string
 ---@field shared luaws.Shared
 ---@field json luaws.JSON
+---@field http luaws.HTTP
+---@field null lightuserdata JSON null, and a nil inside a Redis array (same value as `luaws.json.null`).
 luaws = {}
 
 ---The current UTC time like Python's `datetime.utcnow().isoformat()`.
@@ -150,11 +162,54 @@ function luaws.publish(channel, text) end
 ---@param text string
 function luaws.broadcast(path, text) end
 
+---Sends a command to Redis (`--redis URL`) and waits for the reply, without blocking the server.
+---Returns the reply: a string for bulk and status replies ("OK"), an integer, a table for an
+---array (a nil inside it is `luaws.null`; an error inside it is `{ err = "..." }`), or nil for a
+---nil reply. A Redis error reply, an outage or no `--redis` gives `nil, message`
+---("ERR ...", "redis unavailable: ...", "redis not configured"). Numbers are sent as strings.
+---Only where a hook may wait (see `luaws.sleep`).
+---@param command string
+---@param ... string|number
+---@return any reply
+---@return string? err
+function luaws.redis(command, ...) end
+
+---HTTP requests from hooks, routes and timer callbacks (they wait without blocking the server).
+---@class luaws.HTTP
+local HTTP = {}
+
+---@class luaws.HTTPResponse
+---@field status integer
+---@field headers table<string, string> Names in lower case; repeated headers joined with ", ".
+---@field body string
+
+---Sends an HTTP or HTTPS request and waits for the answer. Any status is a response (a 500
+---included); `nil, err` means no answer: "connection refused", "timeout", "response body
+---larger than N bytes" (`--http-max-response`), ... Redirects are followed only with
+---`redirects = true` (at most 5). `timeout` defaults to `--http-timeout` (10 s).
+---@param options { method?: "GET"|"HEAD"|"POST"|"PUT"|"PATCH"|"DELETE"|"OPTIONS", url: string, headers?: table<string, string>, body?: string, timeout?: number, redirects?: boolean }
+---@return luaws.HTTPResponse? res
+---@return string? err
+function HTTP.request(options) end
+
+---What `on_upgrade` and routes receive.
+---@class luaws.Request
+---@field method string "GET", "POST", ...
+---@field path string
+---@field query table<string, string>
+---@field headers table<string, string> Names in lower case.
+---@field remote_addr string? The client's IP address (see `conn.remote_addr`).
+---@field body string A route's request body (at most `--max-body-size`); empty for on_upgrade.
+---@field data table? on_upgrade only: becomes `conn.data` if the upgrade is accepted.
+
 ---What a plugin file returns. Every field is optional; an unknown field is a load error.
 ---@class luaws.Plugin
 ---@field name? string For logs and /luaws/status (letters, digits, _ - .); default: the file name.
 ---@field idle? number Seconds (0.001 to 1e9) without a message before `on_idle` (needs `on_idle`).
 ---@field protocols? string[] Sub-protocols this plugin speaks; the server picks the client's first one that some plugin lists.
+---@field paths? string[] The WebSocket paths whose connections this plugin sees (default: every path).
+---@field routes? table<string, fun(req: luaws.Request): (integer?, table<string, string>?, string?)> `["POST /api/x"] = function(req) return status, headers, body end`; may wait; an error answers 500.
+---@field on_upgrade? fun(req: luaws.Request): (integer?, string?) Before the handshake answer; may wait. Return nothing to accept, or a status 400-599 and a reason to refuse (later plugins do not run). An error refuses with 500.
 ---@field on_open? fun(conn: luaws.Conn): boolean?
 ---@field on_message? fun(conn: luaws.Conn, msg: string, kind: "text"|"binary"): boolean?
 ---@field on_close? fun(conn: luaws.Conn, code: integer, reason: string): boolean?

@@ -5,9 +5,10 @@
  *  - Swift calls into Lua only through luaws_open, luaws_call and
  *    luaws_unref; each of them runs its Lua work under lua_pcall, so no Lua
  *    error (syntax, runtime, memory, budget) can longjmp through Swift.
- *  - The C functions Lua can call (the `core` table) are written here, check
- *    their arguments in C, and reach Swift through the callbacks in
- *    luaws_host, which take plain values and never call back into Lua.
+ *  - The C functions Lua can call (the `core` table) are written here and in
+ *    luaws_json.h, check their arguments in C, and reach Swift through the
+ *    callbacks in luaws_host, which take plain values and never call back
+ *    into Lua.
  *  - Every path leaves the Lua stack as it found it.
  *  - Memory: every allocation of the state goes through luaws_alloc, which
  *    refuses (returns NULL, so Lua raises LUA_ERRMEM) past mem_limit.
@@ -24,6 +25,9 @@
  *    and carry on; any other coroutine errors at its next hook.
  *  - Finalizers never run script code: the sandbox refuses `__gc`
  *    metatables (see the prelude), because hooks do not fire inside them.
+ *    The hook never fires inside a C function, so C functions whose work
+ *    grows with their input or output (JSON in luaws_json.h, and the string
+ *    and table functions of luaws_strlib.h) pay for it with luaws_charge.
  */
 #ifndef LUAWS_BRIDGE_H
 #define LUAWS_BRIDGE_H
@@ -63,27 +67,6 @@ typedef struct luaws_reply {
     size_t len;
 } luaws_reply;
 
-/* A JSON value flattened in pre-order: an array or object node is followed by its `count`
- * children (for an object: key, value, key, value ...). Strings point into memory the
- * producer keeps alive until the consumer returns. */
-enum { LUAWS_JSON_NULL, LUAWS_JSON_FALSE, LUAWS_JSON_TRUE, LUAWS_JSON_NUMBER, LUAWS_JSON_INTEGER, LUAWS_JSON_STRING, LUAWS_JSON_ARRAY, LUAWS_JSON_OBJECT };
-
-typedef struct luaws_json_node {
-    int type;
-    lua_Number number;
-    lua_Integer integer;
-    const char *str;
-    size_t len;
-    size_t count;        /* ARRAY: elements; OBJECT: key/value pairs */
-} luaws_json_node;
-
-/* What json_decode produces: nodes and the string arena, both malloc'ed by Swift, freed by C. */
-typedef struct luaws_json_doc {
-    luaws_json_node *nodes;
-    size_t count;
-    char *arena;
-} luaws_json_doc;
-
 /* What Swift hands to C for one Lua state. Lives as long as the state. */
 typedef struct luaws_host {
     void *swift;                 /* the Swift owner (an Unmanaged reference) */
@@ -101,9 +84,6 @@ typedef struct luaws_host {
     void (*log)(void *swift, int level, const char *msg, size_t len);
     /* Everything else scripts ask of Swift: see luaws_core_command. */
     void (*command)(void *swift, int op, const struct luaws_arg *args, int nargs, struct luaws_reply *reply);
-    /* JSON through Foundation: encode gets the flattened value, decode returns one. */
-    void (*json_encode)(void *swift, const struct luaws_json_node *nodes, size_t count, struct luaws_reply *reply);
-    void (*json_decode)(void *swift, const char *text, size_t len, struct luaws_json_doc *doc, struct luaws_reply *reply);
 } luaws_host;
 
 /* ---------- memory ---------- */
@@ -206,6 +186,20 @@ static void luaws_charge_coroutines(lua_State *L) {
     }
     lua_pop(L, 1);
 }
+
+/* One budget unit buys this many bytes copied or scanned (a VM instruction costs about as much
+ * as a memcpy of 32 bytes). */
+#define LUAWS_BYTES_PER_UNIT 32
+
+/* ceil(log2(n)), at least 1: for charging n log n sorts. */
+static lua_Integer luaws_log2_ceil(lua_Integer n) {
+    lua_Integer bits = 1;
+    while (bits < 62 && ((lua_Integer)1 << bits) < n) bits++;
+    return bits;
+}
+
+#include "luaws_json.h"
+#include "luaws_strlib.h"
 
 /* ---------- UTF-8 ---------- */
 
@@ -499,188 +493,6 @@ static int luaws_core_wait(lua_State *L) {
     return lua_yield(L, lua_gettop(L));
 }
 
-/* ---------- JSON: Lua values <-> flattened nodes; Foundation does the text ---------- */
-
-typedef struct luaws_node_list {
-    luaws_json_node *nodes;
-    size_t count, capacity;
-} luaws_node_list;
-
-static int luaws_free_nodes(lua_State *L) {
-    luaws_node_list *list = (luaws_node_list *)luaL_checkudata(L, 1, "luaws.nodes");
-    free(list->nodes);
-    list->nodes = NULL;
-    return 0;
-}
-
-static luaws_json_node *luaws_add_node(lua_State *L, luaws_node_list *list) {
-    if (list->count == list->capacity) {
-        size_t cap = list->capacity ? list->capacity * 2 : 64;
-        void *grown = realloc(list->nodes, cap * sizeof(luaws_json_node));
-        if (grown == NULL) luaL_error(L, "json.encode: out of memory");
-        list->nodes = (luaws_json_node *)grown;
-        list->capacity = cap;
-    }
-    luaws_json_node *n = &list->nodes[list->count++];
-    memset(n, 0, sizeof *n);
-    return n;
-}
-
-/* Flattens the value at `idx`. A table whose keys are exactly 1..n (n > 0) is an array;
- * any other table is an object whose keys must be strings or numbers. */
-static void luaws_flatten(lua_State *L, int idx, luaws_node_list *list, int keep, int depth) {
-    idx = lua_absindex(L, idx);
-    if (depth > 64) luaL_error(L, "json.encode: nesting deeper than 64 (a cycle?)");
-    luaL_checkstack(L, 4, "json.encode: nesting too deep");
-    switch (lua_type(L, idx)) {
-    case LUA_TNIL: luaws_add_node(L, list)->type = LUAWS_JSON_NULL; return;
-    case LUA_TLIGHTUSERDATA:
-        if (lua_touserdata(L, idx) == NULL) { luaws_add_node(L, list)->type = LUAWS_JSON_NULL; return; }
-        break;
-    case LUA_TBOOLEAN:
-        luaws_add_node(L, list)->type = lua_toboolean(L, idx) ? LUAWS_JSON_TRUE : LUAWS_JSON_FALSE;
-        return;
-    case LUA_TNUMBER: {
-        luaws_json_node *n = luaws_add_node(L, list);
-        if (lua_isinteger(L, idx)) { n->type = LUAWS_JSON_INTEGER; n->integer = lua_tointeger(L, idx); }
-        else {
-            lua_Number v = lua_tonumber(L, idx);
-            if (v != v || v == HUGE_VAL || v == -HUGE_VAL) luaL_error(L, "json.encode: cannot encode NaN or infinity");
-            n->type = LUAWS_JSON_NUMBER; n->number = v;
-        }
-        return;
-    }
-    case LUA_TSTRING: {
-        luaws_json_node *n = luaws_add_node(L, list);
-        n->type = LUAWS_JSON_STRING;
-        n->str = lua_tolstring(L, idx, &n->len);
-        return;
-    }
-    case LUA_TTABLE: {
-        size_t total = 0, maxn = 0;
-        int sequence = 1;
-        lua_pushnil(L);
-        while (lua_next(L, idx)) {
-            total++;
-            if (lua_isinteger(L, -2) && lua_tointeger(L, -2) >= 1) {
-                lua_Integer k = lua_tointeger(L, -2);
-                if ((size_t)k > maxn) maxn = (size_t)k;
-            } else {
-                sequence = 0;
-            }
-            lua_pop(L, 1);
-        }
-        size_t self = list->count;
-        luaws_add_node(L, list);
-        if (sequence && total > 0 && maxn == total) {
-            list->nodes[self].type = LUAWS_JSON_ARRAY;
-            list->nodes[self].count = total;
-            for (size_t i = 1; i <= total; i++) {
-                lua_rawgeti(L, idx, (lua_Integer)i);
-                luaws_flatten(L, -1, list, keep, depth + 1);
-                lua_pop(L, 1);
-            }
-            return;
-        }
-        list->nodes[self].type = LUAWS_JSON_OBJECT;
-        list->nodes[self].count = total;
-        lua_pushnil(L);
-        while (lua_next(L, idx)) {
-            int kt = lua_type(L, -2);
-            if (kt != LUA_TSTRING && kt != LUA_TNUMBER) luaL_error(L, "json.encode: object keys must be strings or numbers");
-            lua_pushvalue(L, -2);
-            luaws_json_node *key = luaws_add_node(L, list);
-            key->type = LUAWS_JSON_STRING;
-            key->str = lua_tolstring(L, -1, &key->len);   /* converts a copy of a number key */
-            /* keep the (possibly converted) key alive until the call ends */
-            lua_rawsetp(L, keep, key->str);
-            luaws_flatten(L, -1, list, keep, depth + 1);
-            lua_pop(L, 1);
-        }
-        return;
-    }
-    default: break;
-    }
-    luaL_error(L, "json.encode: cannot encode a %s", luaL_typename(L, idx));
-}
-
-static int luaws_core_json_encode(lua_State *L) {
-    luaws_host *h = luaws_host_of(L);
-    luaL_checkany(L, 1);
-    lua_settop(L, 1);
-    luaws_node_list *list = (luaws_node_list *)lua_newuserdatauv(L, sizeof(luaws_node_list), 0);
-    memset(list, 0, sizeof *list);
-    luaL_setmetatable(L, "luaws.nodes");
-    lua_toclose(L, 2);
-    lua_newtable(L);   /* 3: keeps converted keys alive */
-    luaws_flatten(L, 1, list, 3, 0);
-    luaws_reply reply;
-    memset(&reply, 0, sizeof reply);
-    h->json_encode(h->swift, list->nodes, list->count, &reply);
-    return luaws_push_reply(L, &reply);
-}
-
-/* Pushes the node at *at (and its children), advancing *at. */
-static void luaws_unflatten(lua_State *L, const luaws_json_doc *doc, size_t *at, int depth) {
-    if (*at >= doc->count) luaL_error(L, "json.decode: truncated document");
-    if (depth > 200) luaL_error(L, "json.decode: nesting deeper than 200");
-    luaL_checkstack(L, 3, "json.decode: nesting too deep");
-    const luaws_json_node *n = &doc->nodes[(*at)++];
-    switch (n->type) {
-    case LUAWS_JSON_NULL: lua_pushlightuserdata(L, NULL); break;
-    case LUAWS_JSON_FALSE: lua_pushboolean(L, 0); break;
-    case LUAWS_JSON_TRUE: lua_pushboolean(L, 1); break;
-    case LUAWS_JSON_INTEGER: lua_pushinteger(L, n->integer); break;
-    case LUAWS_JSON_NUMBER: lua_pushnumber(L, n->number); break;
-    case LUAWS_JSON_STRING: lua_pushlstring(L, n->str, n->len); break;
-    case LUAWS_JSON_ARRAY:
-        lua_createtable(L, n->count > 1000000 ? 0 : (int)n->count, 0);
-        for (size_t i = 1; i <= n->count; i++) {
-            luaws_unflatten(L, doc, at, depth + 1);
-            lua_rawseti(L, -2, (lua_Integer)i);
-        }
-        break;
-    case LUAWS_JSON_OBJECT:
-        lua_createtable(L, 0, n->count > 1000000 ? 0 : (int)n->count);
-        for (size_t i = 0; i < n->count; i++) {
-            luaws_unflatten(L, doc, at, depth + 1);
-            luaws_unflatten(L, doc, at, depth + 1);
-            lua_rawset(L, -3);
-        }
-        break;
-    default: luaL_error(L, "json.decode: bad node");
-    }
-}
-
-typedef struct luaws_doc_box { luaws_json_doc doc; } luaws_doc_box;
-
-static int luaws_free_doc(lua_State *L) {
-    luaws_doc_box *box = (luaws_doc_box *)luaL_checkudata(L, 1, "luaws.doc");
-    free(box->doc.nodes);
-    free(box->doc.arena);
-    box->doc.nodes = NULL;
-    box->doc.arena = NULL;
-    return 0;
-}
-
-static int luaws_core_json_decode(lua_State *L) {
-    luaws_host *h = luaws_host_of(L);
-    size_t len = 0;
-    const char *text = luaL_checklstring(L, 1, &len);
-    lua_settop(L, 1);
-    luaws_doc_box *box = (luaws_doc_box *)lua_newuserdatauv(L, sizeof(luaws_doc_box), 0);
-    memset(box, 0, sizeof *box);
-    luaL_setmetatable(L, "luaws.doc");
-    lua_toclose(L, 2);
-    luaws_reply reply;
-    memset(&reply, 0, sizeof reply);
-    h->json_decode(h->swift, text, len, &box->doc, &reply);
-    if (reply.type == LUAWS_REPLY_ERROR) return luaws_push_reply(L, &reply);
-    size_t at = 0;
-    luaws_unflatten(L, &box->doc, &at, 0);
-    return 1;
-}
-
 /* An error raised inside the prelude (a bad argument to a luaws function, say) is the
  * script's doing: rewrites "luaws-prelude:N: text" to the script's file:line that called into
  * the prelude, looking at `co`'s stack. Pushes the message to use onto L. */
@@ -726,13 +538,11 @@ static void luaws_push_core(lua_State *L) {
         {"now", luaws_core_now},
         {"command", luaws_core_command},
         {"wait", luaws_core_wait},
-        {"json_encode", luaws_core_json_encode},
-        {"json_decode", luaws_core_json_decode},
         {NULL, NULL},
     };
     /* Metatables that free C memory when a call ends, normally or by error. */
     static const struct { const char *name; lua_CFunction fn; } closers[] = {
-        {"luaws.malloc", luaws_free_box}, {"luaws.nodes", luaws_free_nodes}, {"luaws.doc", luaws_free_doc},
+        {"luaws.malloc", luaws_free_box},
     };
     for (size_t i = 0; i < sizeof closers / sizeof closers[0]; i++) {
         luaL_newmetatable(L, closers[i].name);
@@ -745,6 +555,7 @@ static void luaws_push_core(lua_State *L) {
     luaL_newlib(L, core);
     lua_pushlightuserdata(L, NULL);
     lua_setfield(L, -2, "null");
+    luaws_json_register(L, lua_gettop(L));
 }
 
 /* ---------- protected calls from Swift ---------- */
@@ -1045,6 +856,7 @@ static int luaws_load_trampoline(lua_State *L) {
     int *ref = (int *)lua_touserdata(L, 4);
     luaL_openlibs(L);
     luaws_charge_coroutines(L);
+    luaws_open_charged_libs(L);   /* before the prelude copies `string` and `table` into sandboxes */
     if (luaL_loadbufferx(L, src, len, name, "t") != LUA_OK) return lua_error(L);
     luaws_push_core(L);
     lua_call(L, 1, 1);

@@ -101,24 +101,6 @@ final class LuaVM {
             let values = UnsafeBufferPointer(start: args, count: Int(nargs)).map(LuaVM.value(of:))
             LuaVM.fill(reply!, with: vm.delegate?.luaCommand(op, values) ?? .nil)
         }
-        host.pointee.json_encode = { _, nodes, count, reply in
-            do {
-                LuaVM.fill(reply!, with: .string(try JSONBridge.encode(UnsafeBufferPointer(start: nodes, count: count))))
-            } catch let error as JSONBridge.Failure {
-                LuaVM.fill(reply!, with: .error(error.message))
-            } catch {
-                LuaVM.fill(reply!, with: .error("\(error)"))
-            }
-        }
-        host.pointee.json_decode = { _, text, len, doc, reply in
-            do {
-                try JSONBridge.decode(UnsafeRawBufferPointer(start: text, count: len), into: doc!)
-            } catch let error as JSONBridge.Failure {
-                LuaVM.fill(reply!, with: .error(error.message))
-            } catch {
-                LuaVM.fill(reply!, with: .error("\(error)"))
-            }
-        }
 
         var prelude = luaPrelude
         var ref: Int32 = LUA_NOREF

@@ -318,8 +318,13 @@ base.shared = readonly(shared, "luaws.shared")
 base.json = readonly({
   encode = core.json_encode,
   decode = core.json_decode,
-  --- JSON null, as decoded (and as encoded: nil in an array would end it).
+  --- JSON null, as decoded (and as encoded: nil in an array would be a hole).
   null = core.null,
+  --- Encodes as []: an empty array (an empty table encodes as {}).
+  empty_array = core.json_empty_array,
+  --- json.array(t) marks t (a new table without t) as an array, so that it encodes as [] when
+  --- empty; decoded arrays are marked. Returns t.
+  array = core.json_array,
 }, "luaws.json")
 
 -- The `luaws` a plugin (or a module of lib/) sees: the shared functions, plus timers and
@@ -667,6 +672,7 @@ function api.describe()
   local function add(group, t) for k in pairs(t) do lines[#lines + 1] = group .. " " .. k end end
   add("luaws", make_luaws({ name = "describe", count = 0, set = {} }))
   add("json", base.json)
+  add("http", base.http)
   add("shared", shared)
   add("conn", conn_methods)
   add("conn", lazy_fields)

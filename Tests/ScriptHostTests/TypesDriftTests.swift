@@ -19,8 +19,8 @@ final class TypesDriftTests: XCTestCase {
     /// "group name" pairs from the definitions: `function luaws.x`, `function Conn:x`,
     /// `function JSON.x`, `function Shared:x`, and `---@field x` inside the matching class.
     static func declared(_ text: String) -> Set<String> {
-        let classes = ["luaws": "luaws", "luaws.Conn": "conn", "luaws.JSON": "json", "luaws.Shared": "shared", "luaws.Plugin": "plugin"]
-        let functions = ["luaws": "luaws", "Conn": "conn", "JSON": "json", "Shared": "shared"]
+        let classes = ["luaws": "luaws", "luaws.Conn": "conn", "luaws.JSON": "json", "luaws.Shared": "shared", "luaws.Plugin": "plugin", "luaws.Request": "request", "luaws.HTTP": "http"]
+        let functions = ["luaws": "luaws", "Conn": "conn", "JSON": "json", "Shared": "shared", "HTTP": "http"]
         var result = Set<String>()
         var group: String?
         for line in text.split(separator: "\n", omittingEmptySubsequences: false).map(String.init) {
