@@ -542,7 +542,8 @@ local function load_plugin(set, owner, chunkname, src)
     elseif k == "routes" then
       if type(v) ~= "table" then error(where .. "routes must be a table of [\"METHOD /path\"] = function(req)", 0) end
       for key, fn in pairs(v) do
-        local method, path = type(key) == "string" and key:match("^(%u+) (/[^?#%s]*)$")
+        local method, path
+        if type(key) == "string" then method, path = key:match("^(%u+) (/[^?#%s]*)$") end
         if not method or not HTTP_METHODS[method] then
           error(where .. "route " .. tostring(key) .. ": keys are \"METHOD /path\" (GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS)", 0)
         end

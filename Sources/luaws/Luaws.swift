@@ -265,6 +265,7 @@ struct Serve: AsyncParsableCommand {
             }
         } catch let error as PluginLoadError {
             logger.critical("scripts did not load: \(error.message)")
+            await services.shutdown()
             throw ExitCode(1)
         }
         let names = plugins.plugins.map(\.name).joined(separator: ", ")
