@@ -121,6 +121,12 @@ public final class ScriptCluster: Sendable {
         }
     }
 
+    /// The plugin routes that serve ("METHOD /path"), as the first loop has them.
+    public func routes() async -> [String] {
+        guard let first = members.withLockedValue({ $0.first }) else { return [] }
+        return (try? await first.eventLoop.submit { first.host.value.routeKeys }.get()) ?? []
+    }
+
     /// Per-loop figures: connections, script errors, Lua memory.
     public func loopFigures() async -> [(connections: Int, scriptErrors: Int, luaMemory: Int)] {
         var figures: [(Int, Int, Int)] = []

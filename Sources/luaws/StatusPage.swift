@@ -12,6 +12,7 @@ enum StatusPage {
         }
         var version: Int
         var plugins: [String]
+        var routes: [String]
         var last_reload: Reload
         var connections: Int
         var script_errors: Int
@@ -27,6 +28,7 @@ enum StatusPage {
         let body = Body(
             version: status.version,
             plugins: status.plugins,
+            routes: await cluster.routes(),
             last_reload: .init(ok: status.lastReloadOK, at: status.lastReloadAt.map { ISO8601DateFormatter().string(from: $0) }, error: status.lastError.map { shortError($0, scripts: scripts) }),
             connections: loops.reduce(0) { $0 + $1.connections },
             script_errors: loops.reduce(0) { $0 + $1.scriptErrors },
