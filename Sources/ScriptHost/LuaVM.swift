@@ -171,7 +171,12 @@ final class LuaVM {
         case .integer(let i): reply.pointee.type = Int32(LUAWS_REPLY_INT); reply.pointee.integer = i
         case .number(let n): reply.pointee.type = Int32(LUAWS_REPLY_NUM); reply.pointee.number = n
         case .string(let s): reply.pointee.type = Int32(LUAWS_REPLY_STR); copy(s)
-        case .bytes(let b): reply.pointee.type = Int32(LUAWS_REPLY_STR); copy(String(decoding: b, as: UTF8.self))
+        case .bytes(let b):
+            reply.pointee.type = Int32(LUAWS_REPLY_STR)
+            let memory = malloc(max(b.count, 1))!
+            b.withUnsafeBytes { if let base = $0.baseAddress { memcpy(memory, base, b.count) } }
+            reply.pointee.str = memory.assumingMemoryBound(to: CChar.self)
+            reply.pointee.len = b.count
         case .error(let s): reply.pointee.type = Int32(LUAWS_REPLY_ERROR); copy(s)
         }
     }

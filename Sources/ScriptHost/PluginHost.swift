@@ -149,7 +149,7 @@ public final class PluginHost {
     /// What a hook may wait for (`core.wait`'s first argument); the prelude has the same
     /// numbers (WAIT_*).
     private enum WaitOperation: Int64 {
-        case sleep = 1, http, redis
+        case sleep = 1, http, redis, store, subscribe
     }
 
     /// A timer scripts started. `task` is nil while it waits for its set to be activated.
@@ -165,7 +165,7 @@ public final class PluginHost {
 
     /// `core.command` operations; the prelude has the same numbers (OP_*).
     private enum Command: Int32 {
-        case timerStart = 1, timerCancel, subscribe, unsubscribe, publish, broadcast, sharedGet, sharedSet, sharedIncrement
+        case timerStart = 1, timerCancel, subscribe, unsubscribe, publish, broadcast, store
     }
 
     private let vm: LuaVM
@@ -254,6 +254,7 @@ public final class PluginHost {
         fnUpgradeOutcome = try vm.apiFunction("upgrade_outcome")
         fnCallRoute = try vm.apiFunction("call_route")
         fnRouteResponse = try vm.apiFunction("route_response")
+        if cluster?.storeWaits == true { try vm.call(try vm.apiFunction("set_store_waits"), [.bool(true)]) }
         let setVar = try vm.apiFunction("set_var")
         for (name, value) in vars.sorted(by: { $0.key < $1.key }) {
             try vm.call(setVar, [.string(name), .string(value)])
@@ -785,8 +786,65 @@ public final class PluginHost {
                     loopBound.value.deliver(.resumed(operation, [.nil, .string("\(error)")]))
                 }
             }
+        case .store:
+            guard let storeOperation = Self.storeOperation(args), let future = cluster?.storeRemote(storeOperation, on: eventLoop) else {
+                deliver(.resumed(operation, [.nil, .string("shared: bad arguments")]))
+                return
+            }
+            future.hop(to: eventLoop).whenComplete { result in
+                switch result {
+                case .success(let reply): loopBound.value.deliver(.resumed(operation, [.bytes(reply.packed)]))
+                case .failure(let error): loopBound.value.deliver(.resumed(operation, [.nil, .string("\(error)")]))
+                }
+            }
+        case .subscribe:
+            guard case .bytes(let name)? = args.first, let future = cluster?.acknowledged(channel: String(decoding: name, as: UTF8.self)) else {
+                deliver(.resumed(operation, [.bool(true)]))
+                return
+            }
+            future.hop(to: eventLoop).whenComplete { result in
+                switch result {
+                case .success: loopBound.value.deliver(.resumed(operation, [.bool(true)]))
+                case .failure(let error): loopBound.value.deliver(.resumed(operation, [.nil, .string("\(error)")]))
+                }
+            }
         case nil:
             deliver(.resumed(operation, [.nil, .string("unknown operation \(op)")]))
+        }
+    }
+
+    /// core.command(OP_STORE, op, key, a, b, ttl) or core.wait(WAIT_STORE, …): the prelude's
+    /// STORE_* numbers.
+    private static func storeOperation(_ args: [LuaValue]) -> StoreOperation? {
+        func text(_ i: Int) -> String? {
+            switch args.indices.contains(i) ? args[i] : .nil {
+            case .string(let s): s
+            case .bytes(let b): String(decoding: b, as: UTF8.self)
+            default: nil
+            }
+        }
+        func number(_ i: Int) -> Double? {
+            switch args.indices.contains(i) ? args[i] : .nil {
+            case .integer(let n): Double(n)
+            case .number(let n): n.isFinite ? n : nil
+            default: nil
+            }
+        }
+        guard case .integer(let op)? = args.first, let key = text(1) else { return nil }
+        switch op {
+        case 1: return .get(key)
+        case 2: return text(2).map { .set(key, $0, ttl: number(4)) }
+        case 3: return text(2).map { .add(key, $0, ttl: number(4)) }
+        case 4: return text(3).map { .cas(key, old: text(2), new: $0) }
+        case 5: return .incr(key, by: number(2) ?? 1)
+        case 6: return .delete(key)
+        case 7: return number(2).map { .expire(key, ttl: $0) }
+        case 8: return .keys(prefix: key)
+        case 9: return text(2).map { .sadd(key, $0) }
+        case 10: return text(2).map { .srem(key, $0) }
+        case 11: return .smembers(key)
+        case 12: return .scard(key)
+        default: return nil
         }
     }
 
@@ -892,8 +950,11 @@ public final class PluginHost {
 
     private func unsubscribe(_ id: Int64, from channel: String) {
         connections[id]?.channels.remove(channel)
-        subscribers[channel]?.remove(id)
-        if subscribers[channel]?.isEmpty == true { subscribers[channel] = nil }
+        guard subscribers[channel]?.remove(id) != nil else { return }
+        if subscribers[channel]?.isEmpty == true {
+            subscribers[channel] = nil
+            cluster?.release(channel: channel)
+        }
     }
 
     private func startTimer(id timer: Int64, connection: Int64, seconds: Double, repeating: Bool, generation: Int) -> LuaValue {
@@ -985,8 +1046,12 @@ extension PluginHost: LuaVMDelegate {
             return .nil
         case .subscribe:
             guard let id = integer(0), let channel = string(1), connections[id] != nil else { return .bool(false) }
-            connections[id]?.channels.insert(channel)
+            guard connections[id]?.channels.insert(channel).inserted == true else { return .bool(true) }
+            let first = subscribers[channel] == nil
             subscribers[channel, default: []].insert(id)
+            // The first subscriber of the loop takes a reference on the process's subscription;
+            // with --cluster, the first of the process waits for Redis to acknowledge it.
+            if first, cluster?.retain(channel: channel) == true { return .integer(1) }
             return .bool(true)
         case .unsubscribe:
             guard let id = integer(0), let channel = string(1) else { return .bool(false) }
@@ -994,41 +1059,28 @@ extension PluginHost: LuaVMDelegate {
             return .bool(true)
         case .publish:
             guard let channel = string(0), let text = string(1) else { return .nil }
-            return cluster?.publish(channel: channel, text: text).map { .error($0) } ?? .nil
+            return Self.reply(cluster?.publish(channel: channel, text: text))
         case .broadcast:
             guard let path = string(0), let text = string(1) else { return .nil }
-            return cluster?.broadcast(path: path, text: text).map { .error($0) } ?? .nil
-        case .sharedGet:
-            guard let key = string(0) else { return .nil }
-            switch cluster?.sharedGet(key) {
-            case .string(let s): return .string(s)
-            case .integer(let i): return .integer(i)
-            case .number(let n): return .number(n)
-            case .bool(let b): return .bool(b)
-            case nil: return .nil
-            }
-        case .sharedSet:
-            guard let key = string(0) else { return .nil }
-            let value: SharedValue? = switch args[safe: 1] {
-            case .string(let s): .string(s)
-            case .integer(let i): .integer(i)
-            case .number(let n): .number(n)
-            case .bool(let b): .bool(b)
-            default: nil
-            }
-            return cluster?.sharedSet(key, value).map { .error($0) } ?? .nil
-        case .sharedIncrement:
-            guard let key = string(0) else { return .nil }
-            let delta: SharedValue = integer(1).map { .integer($0) } ?? .number(number(1) ?? 1)
-            guard let cluster else { return .nil }
-            switch cluster.sharedIncrement(key, by: delta) {
-            case .success(.integer(let i)): return .integer(i)
-            case .success(.number(let n)): return .number(n)
-            case .failure(let error): return .error(error.message)
-            default: return .error("shared:incr: '\(key)' does not hold a number")
+            return Self.reply(cluster?.broadcast(path: path, text: text))
+        case .store:
+            guard let cluster else { return .error("the shared store is not available here") }
+            guard let operation = Self.storeOperation(args) else { return .error("shared: bad arguments") }
+            switch cluster.storeNow(operation) {
+            case .success(let reply): return .bytes(reply.packed)
+            case .failure(let full): return .error(full.message)
             }
         case nil:
             return .error("unknown command \(op)")
+        }
+    }
+
+    /// publish and broadcast answer true, or nil and why (delivered here only), or raise.
+    private static func reply(_ outcome: ScriptCluster.PublishOutcome?) -> LuaValue {
+        switch outcome {
+        case .sent, nil: .bool(true)
+        case .unavailable(let why): .string(why)
+        case .refused(let why): .error(why)
         }
     }
 
