@@ -562,7 +562,7 @@ public final class PluginHost {
             enqueue(event, on: id)
             return
         }
-        if run(event, connection: id, ref: connection.ref, from: 0) { done(event, of: id) }
+        if run(event, connection: id, ref: connection.ref, path: connection.path, from: 0) { done(event, of: id) }
     }
 
     /// The functions `event` runs through, in order, with the plugin (index) of each; -1 for
@@ -587,9 +587,9 @@ public final class PluginHost {
     /// a hook waits. Returns false if a hook waits: the rest runs when it resumes. A hook that
     /// fails is reported and the next plugin still sees the event. `connection` is 0 for a
     /// plugin timer (which has no connection and no queue).
-    private func run(_ event: ConnectionEvent, connection id: Int64, ref: Int32, from start: Int, finished: (() -> Void)? = nil) -> Bool {
+    private func run(_ event: ConnectionEvent, connection id: Int64, ref: Int32, path: String = "", from start: Int, finished: (() -> Void)? = nil) -> Bool {
         let set = active
-        let functions = chain(for: event, path: id == 0 ? "" : connections[id]?.path ?? "", in: set)
+        let functions = chain(for: event, path: path, in: set)
         var index = start
         while index < functions.count {
             guard let thread = takeReadyThread() else {
@@ -671,7 +671,7 @@ public final class PluginHost {
         connections[id]?.busy = false
         var completed = true
         if !stop, suspension.generation == active.generation {
-            completed = run(suspension.event, connection: id, ref: connection.ref, from: suspension.index + 1)
+            completed = run(suspension.event, connection: id, ref: connection.ref, path: connection.path, from: suspension.index + 1)
         }
         if completed {
             done(suspension.event, of: id)
@@ -685,7 +685,7 @@ public final class PluginHost {
             let event = connections[id]!.waiting.removeFirst()
             if case .message(let data, _) = event { connections[id]!.waitingBytes -= data.readableBytes }
             resumeReadingIfDrained(id)
-            if run(event, connection: id, ref: connection.ref, from: 0) { done(event, of: id) }
+            if run(event, connection: id, ref: connection.ref, path: connection.path, from: 0) { done(event, of: id) }
         }
     }
 
