@@ -734,7 +734,7 @@ public final class PluginHost {
         }
         let loopBound = NIOLoopBound(self, eventLoop: eventLoop)
         suspension.timeout?.cancel()
-        suspension.timeout = eventLoop.scheduleTask(in: .nanoseconds(Int64(limits.hookTimeout * 1e9))) {
+        suspension.timeout = eventLoop.scheduleTask(in: .script(seconds: limits.hookTimeout)) {
             loopBound.value.deliver(.hookTimedOut(operation))
         }
         switch WaitOperation(rawValue: op) {
@@ -748,7 +748,7 @@ public final class PluginHost {
                 deliver(.resumed(operation, [.nil, .string("sleep: bad number of seconds")]))
                 return
             }
-            eventLoop.scheduleTask(in: .nanoseconds(Int64(seconds * 1e9))) {
+            eventLoop.scheduleTask(in: .script(seconds: seconds)) {
                 loopBound.value.deliver(.resumed(operation, [.bool(true)]))
             }
         case .http:
@@ -973,7 +973,7 @@ public final class PluginHost {
 
     private func schedule(_ timer: Int64, seconds: Double, repeating: Bool) -> Scheduled<Void>? {
         guard let eventLoop else { return nil }
-        let interval = TimeAmount.nanoseconds(Int64((seconds * 1e9).rounded()))
+        let interval = TimeAmount.script(seconds: seconds)
         let loopBound = NIOLoopBound(self, eventLoop: eventLoop)
         if repeating {
             let repeated = eventLoop.scheduleRepeatedTask(initialDelay: interval, delay: interval) { _ in loopBound.value.timerFired(timer) }

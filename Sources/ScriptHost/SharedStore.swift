@@ -98,7 +98,7 @@ struct SharedStore {
 
     private static func deadline(_ ttl: Double?, now: NIODeadline) -> NIODeadline? {
         guard let ttl, ttl.isFinite, ttl > 0 else { return nil }
-        return now + .nanoseconds(Int64(min(ttl, 1e9) * 1e9))
+        return now + .script(seconds: ttl)
     }
 
     private static let wrongType = ScriptRedisReply.error("WRONGTYPE Operation against a key holding the wrong kind of value")
