@@ -197,6 +197,8 @@ public final class PluginHost {
     /// Hooks that wait, by operation.
     private var suspensions: [Int64: Suspension] = [:]
     private var nextOperation: Int64 = 0
+    /// Set by `stop()`: waits end at once.
+    private var stopping = false
     private let limits: ScriptLimits
     private let services: ScriptServices?
 
@@ -723,11 +725,22 @@ public final class PluginHost {
         vm.unref(connection.ref)
     }
 
+    /// The server is stopping: every waiting hook is resumed with nil, "server stopping", and
+    /// so is every later wait, so that chains end, queues drain and on_close runs.
+    public func stop() {
+        stopping = true
+        for operation in suspensions.keys.sorted() { deliver(.resumed(operation, [.nil, .string("server stopping")])) }
+    }
+
     /// Starts what a hook waits for; its answer resumes the hook (`Event.resumed`).
     private func wait(_ suspension: Suspension, op: Int64, args: [LuaValue]) {
         nextOperation += 1
         let operation = nextOperation
         suspensions[operation] = suspension
+        guard !stopping else {
+            deliver(.resumed(operation, [.nil, .string("server stopping")]))
+            return
+        }
         guard let eventLoop else {
             deliver(.resumed(operation, [.nil, .string("waiting calls need an event loop")]))
             return
@@ -854,6 +867,11 @@ public final class PluginHost {
               case .bytes(let headerBytes) = args[2], case .bytes(let body) = args[3]
         else { return nil }
         let method = String(decoding: methodBytes, as: UTF8.self), url = String(decoding: urlBytes, as: UTF8.self)
+        // The prelude checks these; checked again, since only core.wait's arguments reach here.
+        let lowered = url.lowercased()
+        guard ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"].contains(method),
+              lowered.hasPrefix("http://") || lowered.hasPrefix("https://")
+        else { return nil }
         let headerBlock = String(decoding: headerBytes, as: UTF8.self)
         let timeout: Double? = switch args[4] {
         case .number(let n): n

@@ -39,6 +39,10 @@ final class LiveServices: ScriptServices {
             // AsyncHTTPClient retries a refused connection until the connect timeout: keep it
             // short, so that a backend that is down fails the hook in seconds, not at its timeout.
             plain.timeout = .init(connect: TimeAmount.seconds(2 as Int64))
+            // Hooks of many connections may call one backend at once: AsyncHTTPClient's default
+            // of 8 connections per host would queue the rest, and the queue's wait is bounded by
+            // the connect timeout, not the script's.
+            plain.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: 256)
             var followingConfiguration = plain
             followingConfiguration.redirectConfiguration = .follow(max: 5, allowCycles: false)
             let made = (
@@ -82,6 +86,7 @@ final class LiveServices: ScriptServices {
         if let error = error as? HTTPClientError {
             if [.deadlineExceeded, .readTimeout, .writeTimeout].contains(error) { return "timeout" }
             if error == .connectTimeout { return "connect timeout" }
+            if error == .getConnectionFromPoolTimeout { return "timeout waiting for a connection to the host" }
             if error == .remoteConnectionClosed { return "connection closed by the server" }
             if error == .redirectLimitReached || error == .redirectCycleDetected { return "too many redirects" }
             return "\(error)"
