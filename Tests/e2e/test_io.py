@@ -402,10 +402,6 @@ end }
 '''
 
 
-@pytest.mark.xfail(strict=True, reason="more than 8 requests at once to one host: AsyncHTTPClient's pool (default "
-                   "8 connections per host) queues the rest, and LiveServices' 2 s connect timeout is also "
-                   "the pool's wait limit, so they fail after 2 s with 'HTTPClientError."
-                   "getConnectionFromPoolTimeout' although the script allowed 20 s")
 def test_concurrent_http_requests_to_one_host_all_succeed(tmp_path, start_server, backend):
     """16 hooks call one 3 s backend at once, each with timeout = 20."""
     server = start_server("--scripts", str(write_plugin(tmp_path, SLOW_PLUGIN)), "--var", f"backend={backend}")
@@ -1074,9 +1070,6 @@ return {
 '''
 
 
-@pytest.mark.xfail(strict=True, reason="at SIGTERM a connection whose hook waits never gets on_close: its close "
-                   "event queues behind the waiting hook, and the loops stop before the wait ends; idle "
-                   "connections do get on_close")
 def test_shutdown_runs_on_close_for_connections_whose_hooks_wait(tmp_path, start_server):
     server = start_server("--scripts", str(write_plugin(tmp_path, SHUTDOWN_PLUGIN)), "--threads", "1")
 
@@ -1107,9 +1100,6 @@ end }
 '''
 
 
-@pytest.mark.xfail(strict=True, reason="a hook's own coroutine.yield(2, method, url, ...) is taken as a core.wait "
-                   "request, so a plugin skips luaws.http.request's checks (http/https only, header and "
-                   "method validation) and reaches e.g. a local Unix socket through http+unix://")
 def test_a_hand_made_yield_cannot_forge_a_wait(tmp_path, start_server):
     import socketserver
     hits = []
@@ -1156,9 +1146,6 @@ def test_a_hand_made_yield_cannot_forge_a_wait(tmp_path, start_server):
     assert server.wait_for_log("a hook yielded with coroutine.yield outside a coroutine of its own")
 
 
-@pytest.mark.xfail(strict=True, reason="--scripts with a one-character relative folder name (e.g. 's') crashes "
-                   "at start: Reloader.watchFiles -> NSString.deletingLastPathComponent traps "
-                   "(Illegal instruction) in swift-corelibs-foundation")
 def test_a_one_letter_scripts_folder_starts(tmp_path, start_server):
     folder = tmp_path / "s"
     folder.mkdir()
