@@ -695,6 +695,16 @@ public final class PluginHost {
     /// from the client (TCP back-pressure: nothing is dropped, memory stays bounded).
     private func enqueue(_ event: ConnectionEvent, on id: Int64) {
         guard var connection = connections[id] else { return }
+        // An idle timer or a repeating timer that fires again while its last firing still
+        // waits in the queue fires once: a long wait must not end in a burst of pushes.
+        switch event {
+        case .idle(let timer) where connection.waiting.contains(where: { if case .idle(timer) = $0 { true } else { false } }):
+            return
+        case .timer(let timer) where connection.waiting.contains(where: { if case .timer(timer) = $0 { true } else { false } }):
+            return
+        default:
+            break
+        }
         connection.waiting.append(event)
         if case .message(let data, _) = event { connection.waitingBytes += data.readableBytes }
         if !connection.readingPaused,
