@@ -242,6 +242,16 @@ struct Serve: AsyncParsableCommand {
             logger.critical("cannot read scripts: \(error)")
             throw ExitCode(1)
         }
+        // Before anything that must be shut down (the HTTP client) is made: a bad pair just exits.
+        var certificates: CertificateStore?
+        if let tlsCertificate, let tlsKey {
+            do {
+                certificates = try CertificateStore(certificate: tlsCertificate, key: tlsKey)
+            } catch {
+                logger.critical("TLS: \(error)")
+                throw ExitCode(1)
+            }
+        }
         var pluginVars: [String: String] = [:]
         do {
             for file in varFiles { pluginVars.merge(try readVarFile(file)) { _, new in new } }
@@ -287,16 +297,7 @@ struct Serve: AsyncParsableCommand {
         }
 
         configuration.accessLog = accessLog == .on
-        var certificates: CertificateStore?
-        if let tlsCertificate, let tlsKey {
-            do {
-                certificates = try CertificateStore(certificate: tlsCertificate, key: tlsKey)
-            } catch {
-                logger.critical("TLS: \(error)")
-                throw ExitCode(1)
-            }
-            configuration.security = certificates
-        }
+        configuration.security = certificates
 
         // Plugin routes may not take the admin paths where they are served.
         let cluster = ScriptCluster(
@@ -324,9 +325,11 @@ struct Serve: AsyncParsableCommand {
             }
         } catch let error as PluginLoadError {
             logger.critical("scripts did not load: \(error.message)")
+            await services.shutdown()  // an HTTP client dropped without it traps
             throw ExitCode(1)
         } catch {
             logger.critical("cannot listen: \(error)")
+            await services.shutdown()
             throw ExitCode(1)
         }
         adminRoutes.serving(server)
