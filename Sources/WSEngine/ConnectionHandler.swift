@@ -69,7 +69,10 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     private let deflate: DeflateParameters?
 
     /// Messages and bytes each way: plain fields, so counting costs a few additions per message.
-    private(set) var counts = ConnectionCounts()
+    /// Private, so that the optimiser sees every access (an internal one would get a dynamic
+    /// exclusivity check per addition); `figures` reads it.
+    private var counts = ConnectionCounts()
+    var figures: ConnectionCounts { counts }
     /// For the access log line.
     private let remoteAddress: String?
     private var openedAt = NIODeadline.now()

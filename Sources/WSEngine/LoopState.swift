@@ -68,7 +68,7 @@ final class LoopState {
         var figures = closedFigures
         for handler in connections.values {
             let path = handler.connection.path
-            figures.paths[path, default: EngineFigures.PathFigures()].add(handler.counts)
+            figures.paths[path, default: EngineFigures.PathFigures()].add(handler.figures)
             figures.paths[path]!.connections += 1
         }
         return figures
