@@ -13,6 +13,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/adam-fowler/compress-nio.git", from: "1.5.0"),
         .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
     ],
     targets: [
         // Lua 5.4 from the system (Debian: liblua5.4-dev), plus static-inline shims for its macros.
@@ -63,6 +66,18 @@ let package = Package(
                 .product(name: "CompressNIO", package: "compress-nio"),
             ]
         ),
+        // Folds the engine's and the Lua states' plain per-loop counters into a Prometheus
+        // registry at scrape time: the only place that knows swift-metrics and swift-prometheus.
+        .target(
+            name: "LuaWSMetrics",
+            dependencies: [
+                "WSEngine",
+                "ScriptHost",
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ]
+        ),
         // Drives the engine's pipeline on an EmbeddedChannel: for the unit tests and the fuzzer,
         // never part of the luaws product (it keeps NIOEmbedded out of the server).
         .target(
@@ -88,11 +103,14 @@ let package = Package(
             name: "luaws",
             dependencies: [
                 "LuaWSApp",
+                "LuaWSMetrics",
                 "ScriptHost",
                 "WSEngine",
                 "RedisClient",
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -135,6 +153,14 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "NIOWebSocket", package: "swift-nio"),
+            ]
+        ),
+        .testTarget(
+            name: "LuaWSMetricsTests",
+            dependencies: [
+                "LuaWSMetrics",
+                "WSEngine",
+                "ScriptHost",
             ]
         ),
         .testTarget(

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what luaws needs on Debian: Lua 5.4 and hiredis headers (always) and, with --test,
-# what the tests use (redis-server, which the RedisClient tests start themselves; Chromium and
+# what the tests use (redis-server, which the RedisClient tests start themselves; openssl, which
+# makes the TLS tests' CA and certificates; Chromium and
 # its driver from Debian; websockets, selenium and pytest from PyPI,
 # into the project's virtual environment .venv/, since a stock Debian's Python refuses
 # system-wide pip installs: PEP 668). Idempotent: installs only what is missing.
@@ -13,7 +14,7 @@ SUDO=""
 if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
 
 apt_packages=(liblua5.4-dev libhiredis-dev pkg-config)
-if [[ $want_tests -eq 1 ]]; then apt_packages+=(redis-server chromium chromium-driver python3-venv); fi
+if [[ $want_tests -eq 1 ]]; then apt_packages+=(redis-server chromium chromium-driver python3-venv openssl); fi
 
 missing=()
 for p in "${apt_packages[@]}"; do

@@ -18,6 +18,8 @@ struct LoadedPlugins {
         var paths: Set<String>?
         /// Its HTTP routes: "METHOD /path" → function.
         var routes: [String: Int32] = [:]
+        /// Its first slot in the host's `HookTimings`.
+        var timingSlot = 0
 
         var refs: [Int32] { [onOpen, onMessage, onClose, onIdle, onReload, onUpgrade].compactMap { $0 } + Array(routes.values) }
 

@@ -103,6 +103,19 @@ public final class PluginHost {
         /// The route `key` ("METHOD /path") for the request table `request`.
         case route(request: Int32, key: String)
 
+        var timingKind: HookTimings.Kind {
+            switch self {
+            case .open: .onOpen
+            case .message: .onMessage
+            case .idle: .onIdle
+            case .timer: .timer
+            case .reload: .onReload
+            case .close: .onClose
+            case .upgrade: .onUpgrade
+            case .route: .route
+            }
+        }
+
         var hookName: String {
             switch self {
             case .open: "on_open"
@@ -131,6 +144,10 @@ public final class PluginHost {
         let plugin: LoadedPlugins.Plugin?
         let thread: LuaVM.Thread
         var timeout: Scheduled<Void>?
+        /// When the hook was called: its duration, waits included, is recorded when it ends.
+        var started = NIODeadline.now()
+        /// Its slot in `timings`.
+        var timingSlot = 0
         /// For a run without a connection (upgrade, route, plugin timer): what to do once the
         /// chain is over.
         var finished: (() -> Void)?
@@ -216,6 +233,22 @@ public final class PluginHost {
 
     /// Script errors (of any hook or load) since start.
     public private(set) var errorCount = 0
+    /// The same by plugin name (see `ScriptFigures.errors`).
+    private var errorsByPlugin: [String: Int] = [:]
+    /// Hook durations.
+    private var timings = HookTimings()
+    /// The slots of hooks that belong to no plugin (the prelude's timer dispatcher).
+    private lazy var preludeTimingSlot = timings.slots(for: "(prelude)")
+
+    /// This state's figures for `/metrics`.
+    public var figures: ScriptFigures {
+        var figures = ScriptFigures()
+        figures.connections = connectionCount
+        figures.luaMemory = memoryInUse
+        figures.errors = errorsByPlugin
+        figures.hooks = timings.histograms
+        return figures
+    }
     /// Sub-protocols the loaded plugins declare (`protocols = {...}`), in plugin order.
     public var subprotocols: [String] { active.subprotocols }
     /// Names of the loaded plugins, in order (a plugin's `name` field, else its file name).
@@ -302,6 +335,7 @@ public final class PluginHost {
                     onUpgrade: try field("on_upgrade", ref: true).ref,
                     idle: try field("idle", ref: false).number
                 )
+                plugin.timingSlot = timings.slots(for: plugin.name)
                 let index = Int64(index + 1)
                 plugin.paths = try vm.call(fnPluginPaths, [.ref(setRef), .int(index)]).string.map { Set($0.split(separator: "\n").map(String.init)) }
                 for key in (try vm.call(fnPluginRouteKeys, [.ref(setRef), .int(index)]).string ?? "").split(separator: "\n").map(String.init) {
@@ -312,6 +346,7 @@ public final class PluginHost {
         } catch {
             retire(loaded)
             errorCount += 1
+            errorsByPlugin["(load)", default: 0] += 1
             if let error = error as? PluginLoadError { throw error }
             throw PluginLoadError(file: "", message: "\(error)")
         }
@@ -593,6 +628,8 @@ public final class PluginHost {
         let set = active
         let functions = chain(for: event, path: path, in: set)
         var index = start
+        // One clock reading per hook: each one's end is the next one's start.
+        var started = NIODeadline.now()
         while index < functions.count {
             guard let thread = takeReadyThread() else {
                 errorCount += 1
@@ -600,6 +637,7 @@ public final class PluginHost {
                 return true
             }
             let (plugin, function) = functions[index]
+            let timingSlot = (plugin >= 0 ? set.plugins[plugin].timingSlot : preludeTimingSlot) + event.timingKind.rawValue
             let outcome: LuaVM.HookOutcome = switch event {
             case .message(let data, let binary):
                 vm.runHook(function, in: thread, connection: ref, payload: data, kind: binary ? "binary" : "text")
@@ -613,6 +651,11 @@ public final class PluginHost {
                 vm.run(fnCallUpgrade, in: thread, [.ref(function), .ref(ref)])
             case .route:
                 vm.run(fnCallRoute, in: thread, [.ref(function), .ref(ref)])
+            }
+            if case .suspended = outcome {} else {
+                let ended = NIODeadline.now()
+                timings.record(slot: timingSlot, seconds: Double((ended - started).nanoseconds) / 1e9)
+                started = ended
             }
             switch outcome {
             case .done(let stop):
@@ -628,6 +671,8 @@ public final class PluginHost {
                     connection: id, ref: ref, event: event, index: index, generation: set.generation,
                     plugin: plugin >= 0 ? set.plugins[plugin] : nil, thread: thread)
                 suspension.finished = finished
+                suspension.started = started
+                suspension.timingSlot = timingSlot
                 if id != 0 { connections[id]?.busy = true }
                 wait(suspension, op: op, args: args)
                 return false
@@ -639,6 +684,9 @@ public final class PluginHost {
 
     /// A resumed hook ran again: it waits once more, or it is done and its chain goes on.
     private func proceed(_ suspension: Suspension, _ outcome: LuaVM.HookOutcome) {
+        if case .suspended = outcome {} else {
+            timings.record(slot: suspension.timingSlot, seconds: Double((NIODeadline.now() - suspension.started).nanoseconds) / 1e9)
+        }
         switch outcome {
         case .suspended(let op, let args):
             wait(suspension, op: op, args: args)
@@ -1034,6 +1082,7 @@ public final class PluginHost {
 
     private func report(_ error: Error, plugin: LoadedPlugins.Plugin?, hook: String) {
         errorCount += 1
+        errorsByPlugin[plugin?.name ?? "(prelude)", default: 0] += 1
         let where_ = plugin.map { "\($0.path) \(hook)" } ?? hook
         if let error = error as? LuaError {
             logger.error("script error in \(where_): \(error.summary)")

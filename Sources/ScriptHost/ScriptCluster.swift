@@ -152,6 +152,18 @@ public final class ScriptCluster: Sendable {
         return figures
     }
 
+    /// Per-loop figures for `/metrics` (errors by plugin, hook durations, memory), each read on
+    /// its loop, as `loopFigures` does.
+    public func scriptFigures() async -> [ScriptFigures] {
+        var figures: [ScriptFigures] = []
+        for member in members.withLockedValue({ $0 }) {
+            if let f = try? await member.eventLoop.submit({ member.host.value.figures }).get() {
+                figures.append(f)
+            }
+        }
+        return figures
+    }
+
     // MARK: across loops
 
     /// Sends `text` to `channel`'s subscribers on every loop; an error message if too much is

@@ -65,7 +65,38 @@ public struct ServerConfiguration: Sendable {
     /// Extra HTTP GET endpoints (exact paths), answered before the public folder: e.g. a status page.
     public var routes: [String: HTTPRoute] = [:]
 
+    /// TLS for every accepted connection (https and wss on the same port); nil: plain.
+    public var security: ConnectionSecurity? = nil
+    /// Logs one line at info per closed WebSocket connection (id, address, path, duration,
+    /// messages and bytes each way, close code).
+    public var accessLog = true
+    /// A second, plain-HTTP listener that answers only its own routes (status, metrics, health):
+    /// what operators reach and clients must not. nil: none.
+    public var admin: AdminListener? = nil
+
     public init() {}
+}
+
+/// What makes accepted connections secure (TLS). The engine only puts the handler it makes in
+/// front of every other handler of a new connection; what it is made of (certificates, their
+/// reloading) stays with the embedding.
+public protocol ConnectionSecurity: Sendable {
+    /// A new handler for one accepted connection, with the certificate in force now.
+    func makeHandler() throws -> ChannelHandler
+}
+
+/// The admin listener: its own address, and the routes it answers (nothing else: 404).
+public struct AdminListener: Sendable {
+    public var host: String
+    /// 0 picks a free one (`WebSocketServer.adminAddress` has the one bound).
+    public var port: Int
+    public var routes: [String: HTTPRoute]
+
+    public init(host: String, port: Int, routes: [String: HTTPRoute]) {
+        self.host = host
+        self.port = port
+        self.routes = routes
+    }
 }
 
 /// An HTTP endpoint the embedding provides; it runs on the connection's event loop.

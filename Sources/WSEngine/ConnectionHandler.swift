@@ -68,10 +68,20 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     /// permessage-deflate, if negotiated.
     private let deflate: DeflateParameters?
 
+    /// Messages and bytes each way: plain fields, so counting costs a few additions per message.
+    /// Private, so that the optimiser sees every access (an internal one would get a dynamic
+    /// exclusivity check per addition); `figures` reads it.
+    private var counts = ConnectionCounts()
+    var figures: ConnectionCounts { counts }
+    /// For the access log line.
+    private let remoteAddress: String?
+    private var openedAt = NIODeadline.now()
+
     init(id: Int64, request: WebSocketRequest, deflate: DeflateParameters?, loop: LoopState, configuration: ServerConfiguration) {
         self.id = id
         self.deflate = deflate
         self.request = request
+        self.remoteAddress = request.remoteAddress
         self.loop = loop
         self.configuration = configuration
         self.parser = FrameParser(maxFrameSize: configuration.maxFrameSize)
@@ -86,8 +96,10 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         self.request = nil
         connection = WebSocketConnection(id: id, request: request, handler: self)
         loop.connections[id] = self
+        loop.closedFigures.paths[request.path, default: EngineFigures.PathFigures()].opened += 1
         lastMessage = .now()
         lastHeard = lastMessage
+        openedAt = lastMessage
         dispatch { $0.opened(connection, request: request) }
     }
 
@@ -117,8 +129,10 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         reading = true
         lastHeard = .now()  // once per read, not per frame
         pingSentAt = nil
+        let bytes = unwrapInboundIn(data)
+        counts.bytesReceived &+= bytes.readableBytes
         do {
-            try parser.parse(unwrapInboundIn(data), partial: { frame throws(ProtocolFailure) in
+            try parser.parse(bytes, partial: { frame throws(ProtocolFailure) in
                 try receivePartial(frame)
             }) { frame throws(ProtocolFailure) in
                 try receive(frame)
@@ -156,12 +170,13 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
                 if message.kind == .text { try MessageAssembler.validateText(message.data) }
             }
             lastMessage = lastHeard
+            if message.kind == .text { counts.textReceived &+= 1 } else { counts.binaryReceived &+= 1 }
             dispatch { $0.received(message, on: connection) }
 
         case .ping:
             // A pong is queued like a message: a client that pings but does not read is a slow
             // consumer like any other (else its pongs would pile up without bound).
-            guard state == .open, let context, admit(context) else { return }
+            guard state == .open, let context, admit(context, message: false) else { return }
             write(.pong, payload)
             needsFlush = true
 
@@ -269,7 +284,8 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     // MARK: what the application asks for
 
     func send(_ data: ByteBuffer, binary: Bool) -> Bool {
-        guard state == .open, let context, admit(context) else { return false }
+        guard state == .open, let context, admit(context, message: true) else { return false }
+        if binary { counts.binarySent &+= 1 } else { counts.textSent &+= 1 }
         let opcode: WebSocketOpcode = binary ? .binary : .text
         if let deflate, data.readableBytes >= configuration.compressionThreshold,
            let compressed = try? loop.deflate.compress(data, windowBits: deflate.serverWindowBits, allocator: context.channel.allocator) {
@@ -285,8 +301,10 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     /// writable: what is queued for the client is over `maxOutboundBytes` (the high water mark),
     /// so it is a slow consumer and its policy applies (`close`: 1008 and the TCP connection
     /// closes; `drop`: the frame is dropped until the queue drains below half the bound).
-    private func admit(_ context: ChannelHandlerContext) -> Bool {
+    /// `message`: it is a message (not a pong), which counts as dropped when refused.
+    private func admit(_ context: ChannelHandlerContext, message: Bool) -> Bool {
         if writable { return true }
+        if message { loop.closedFigures.dropped += 1 }
         switch configuration.slowConsumerPolicy {
         case .drop:
             if !dropping { loop.logger.debug("connection \(id): slow consumer, dropping what is sent to it") }
@@ -416,6 +434,13 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
 
     // MARK: helpers
 
+    /// One line per closed connection, key=value pairs (logfmt), at info.
+    private func logAccess(path: String, code: UInt16) {
+        let milliseconds = max(0, (NIODeadline.now() - openedAt).nanoseconds / 1_000_000)
+        let seconds = "\(milliseconds / 1000)." + String(milliseconds % 1000 + 1000).dropFirst()
+        loop.logger.info("access id=\(id) remote=\(remoteAddress ?? "-") path=\(path) duration=\(seconds)s messages_in=\(counts.messagesReceived) bytes_in=\(counts.bytesReceived) messages_out=\(counts.messagesSent) bytes_out=\(counts.bytesSent) code=\(code)")
+    }
+
     /// Encodes and queues one frame (flushed later); `promise` completes when it is written.
     private func write(_ opcode: WebSocketOpcode, _ payload: ByteBuffer, rsv1: Bool = false, promise: EventLoopPromise<Void>? = nil) {
         guard let out = output.context else {
@@ -423,6 +448,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
             return
         }
         FrameWriter.frame(opcode: opcode, rsv1: rsv1, payload: payload, allocator: out.channel.allocator) { bytes, last in
+            counts.bytesSent &+= bytes.readableBytes
             out.write(wrapOutboundOut(bytes), promise: last ? promise : nil)
         }
     }
@@ -457,6 +483,9 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         let code = clientClose?.code ?? 1006
         let reason = clientClose?.reason ?? ""
         let connection = self.connection!
+        loop.closedFigures.paths[connection.path, default: EngineFigures.PathFigures()].add(counts)
+        loop.closedFigures.closed[EngineFigures.closeCodeLabel(code), default: 0] += 1
+        if configuration.accessLog { logAccess(path: connection.path, code: code) }
         connection.handler = nil  // the handler and its connection refer to each other until now
         let application = loop.application
         if dispatching {

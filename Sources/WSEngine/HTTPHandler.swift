@@ -140,24 +140,32 @@ final class HTTPHandler: ChannelDuplexHandler, RemovableChannelHandler {
         let (path, query) = head.pathAndQuery
         if configuration.webSocketPaths.contains(path) {
             let version = head.headers["Sec-WebSocket-Version"].first
+            let refused = { (reason: String) in self.loop?.value.closedFigures.refused[reason, default: 0] += 1 }
+            // A refusal the pipeline decided was counted there.
             if let refusal = loop?.value.refusedUpgrades.removeValue(forKey: ObjectIdentifier(context.channel)) {
                 // The application's answer (on_upgrade), or the connection limit it ran into.
                 let status = HTTPResponseStatus(statusCode: refusal.status)
                 let text = refusal.reason.hasSuffix("\n") || refusal.reason.isEmpty ? refusal.reason : refusal.reason + "\n"
                 send(status, text, extra: status == .serviceUnavailable ? [("Retry-After", "5")] : [], head: head, context: context)
             } else if !Self.originAllowed(head, configuration) {
+                refused("origin")
                 send(.forbidden, "Origin not allowed\n", head: head, context: context)
             } else if counter.isFull && head.headers["Upgrade"].contains(where: { $0.lowercased().contains("websocket") }) {
+                refused("connection_limit")
                 send(.serviceUnavailable, "Too many connections\n", extra: [("Retry-After", "5")], head: head, context: context)
             } else if head.method != .GET {
+                refused("method")
                 send(.methodNotAllowed, "WebSocket endpoint: use GET with an upgrade\n", extra: [("Allow", "GET")], head: head, context: context)
             } else if version != nil && version != "13" {
+                refused("version")
                 send(.upgradeRequired, "Unsupported WebSocket version: this server speaks 13\n",
                      extra: [("Sec-WebSocket-Version", "13"), ("Upgrade", "websocket")], head: head, context: context)
             } else if head.headers["Upgrade"].contains(where: { $0.lowercased().contains("websocket") }) {
+                refused("bad_handshake")
                 send(.badRequest, "Invalid WebSocket handshake (Sec-WebSocket-Key missing or malformed?)\n",
                      extra: [("Sec-WebSocket-Version", "13")], head: head, context: context)
             } else {
+                refused("not_websocket")
                 send(.upgradeRequired, "This is a WebSocket endpoint: connect with a WebSocket client\n",
                      extra: [("Sec-WebSocket-Version", "13"), ("Upgrade", "websocket")], head: head, context: context)
             }

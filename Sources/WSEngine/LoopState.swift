@@ -18,6 +18,9 @@ final class LoopState {
     let deflate: DeflateStreams
     /// Connection ids are `loopIndex << 48 | counter`, unique across loops without atomics.
     private var nextID: Int64
+    /// What the loop's closed connections did, connections opened, handshakes refused, messages
+    /// dropped. Open connections count on their own fields: see `figures()`.
+    var closedFigures = EngineFigures()
 
     init(index: Int, eventLoop: EventLoop, application: WebSocketApplication, logger: Logger, compressionLevel: Int32) {
         self.deflate = DeflateStreams(level: compressionLevel)
@@ -61,6 +64,17 @@ final class LoopState {
         }
         all.whenComplete { _ in deadline.cancel() }
         return all
+    }
+
+    /// The loop's figures so far: those of closed connections plus those of open ones.
+    func figures() -> EngineFigures {
+        var figures = closedFigures
+        for handler in connections.values {
+            let path = handler.connection.path
+            figures.paths[path, default: EngineFigures.PathFigures()].add(handler.figures)
+            figures.paths[path]!.connections += 1
+        }
+        return figures
     }
 
     func makeID() -> Int64 {

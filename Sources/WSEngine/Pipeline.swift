@@ -41,11 +41,13 @@ struct ServerPipeline: Sendable {
                     let loop = bound.value
                     switch decision {
                     case .refuse(let status, let reason):
+                        loop.closedFigures.refused["application", default: 0] += 1
                         loop.refusedUpgrades[key] = ((400...599).contains(status) ? status : 403, reason)
                         return nil
                     case .accept(let context):
                         // The slot is taken only once the application accepted.
                         guard counter.acquire() else {
+                            loop.closedFigures.refused["connection_limit", default: 0] += 1
                             loop.refusedUpgrades[key] = (503, "Too many connections\n")
                             return nil
                         }
@@ -68,10 +70,18 @@ struct ServerPipeline: Sendable {
                     // NIO's upgrader always installs its frame codec. The handler parses frames
                     // itself (FrameParser) and so goes *before* NIO's decoder, taking the bytes
                     // ahead of it; it encodes its frames itself too, writing them through
-                    // FrameOutput at the head, past NIO's encoder.
+                    // FrameOutput, past NIO's encoder: at the head of the pipeline, or right
+                    // behind the TLS handler when there is one, so that frames are encrypted
+                    // (at the head they would reach the socket in plaintext).
                     let decoder = try channel.pipeline.syncOperations.handler(type: ByteToMessageHandler<WebSocketFrameDecoder>.self)
                     let output = FrameOutput()
-                    try channel.pipeline.syncOperations.addHandler(output, position: .first)
+                    if let tls = try? channel.pipeline.syncOperations.context(name: ServerPipeline.tlsHandlerName) {
+                        try channel.pipeline.syncOperations.addHandler(output, position: .after(tls.handler))
+                    } else if configuration.security != nil {
+                        throw ChannelError.inappropriateOperationForState  // never without its TLS handler
+                    } else {
+                        try channel.pipeline.syncOperations.addHandler(output, position: .first)
+                    }
                     handler.output = output
                     try channel.pipeline.syncOperations.addHandler(handler, position: .before(decoder))
                     // Now that nothing reaches it, NIO's decoder can go (it costs memory per connection).
@@ -81,7 +91,15 @@ struct ServerPipeline: Sendable {
         )
     }
 
+    /// The name of the TLS handler, first in the pipeline when `configuration.security` is set.
+    static let tlsHandlerName = "luaws.tls"
+
     func configure(_ channel: Channel) throws {
+        // TLS goes in front of everything: whatever is written, the 101 response and frames
+        // (FrameOutput goes right behind it) included, leaves through it.
+        if let security = configuration.security {
+            try channel.pipeline.syncOperations.addHandler(try security.makeHandler(), name: Self.tlsHandlerName)
+        }
         let http = HTTPHandler(configuration: configuration, files: files, counter: counter, loop: loops[ObjectIdentifier(channel.eventLoop)])
         try channel.pipeline.syncOperations.configureHTTPServerPipeline(
             withServerUpgrade: (upgraders: [upgrader], completionHandler: { context in

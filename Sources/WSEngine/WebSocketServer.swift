@@ -17,9 +17,12 @@ public final class WebSocketServer: Sendable {
     private let threadPool: NIOThreadPool
     private let loops: [ObjectIdentifier: NIOLoopBound<LoopState>]
     private let serverChannel: Channel
+    private let adminChannel: Channel?
 
     /// The address the server is bound to (with the real port when 0 was asked for).
     public var localAddress: SocketAddress? { serverChannel.localAddress }
+    /// The admin listener's address, if there is one.
+    public var adminAddress: SocketAddress? { adminChannel?.localAddress }
 
     /// Makes one application per event loop, on that loop, then binds.
     public static func start(
@@ -43,7 +46,16 @@ public final class WebSocketServer: Sendable {
                 try await loop.submit { state.value.startSweep(every: sweep) }.get()
             }
             let channel = try await bind(configuration: configuration, group: group, loops: loops, threadPool: threadPool, logger: logger)
-            return WebSocketServer(configuration: configuration, logger: logger, group: group, threadPool: threadPool, loops: loops, serverChannel: channel)
+            var admin: Channel?
+            if let listener = configuration.admin {
+                do {
+                    admin = try await bindAdmin(listener, configuration: configuration, group: group)
+                } catch {
+                    try? await channel.close()
+                    throw error
+                }
+            }
+            return WebSocketServer(configuration: configuration, logger: logger, group: group, threadPool: threadPool, loops: loops, serverChannel: channel, adminChannel: admin)
         } catch {
             try? await group.shutdownGracefully()
             try? await threadPool.shutdownGracefully()
@@ -51,7 +63,8 @@ public final class WebSocketServer: Sendable {
         }
     }
 
-    private init(configuration: ServerConfiguration, logger: Logger, group: MultiThreadedEventLoopGroup, threadPool: NIOThreadPool, loops: [ObjectIdentifier: NIOLoopBound<LoopState>], serverChannel: Channel) {
+    private init(configuration: ServerConfiguration, logger: Logger, group: MultiThreadedEventLoopGroup, threadPool: NIOThreadPool, loops: [ObjectIdentifier: NIOLoopBound<LoopState>], serverChannel: Channel, adminChannel: Channel?) {
+        self.adminChannel = adminChannel
         self.configuration = configuration
         self.logger = logger
         self.group = group
@@ -84,6 +97,43 @@ public final class WebSocketServer: Sendable {
             .get()
     }
 
+    /// The admin listener: plain HTTP/1.1 and `HTTPHandler` with nothing but the listener's
+    /// routes (no WebSocket paths, no public folder, no application), on the same event loops.
+    private static func bindAdmin(_ listener: AdminListener, configuration: ServerConfiguration, group: MultiThreadedEventLoopGroup) async throws -> Channel {
+        var settings = ServerConfiguration()
+        settings.webSocketPaths = []
+        settings.routes = listener.routes
+        settings.handshakeTimeout = configuration.handshakeTimeout
+        settings.maxOutboundBytes = configuration.maxOutboundBytes
+        let admin = settings
+        let counter = ConnectionCounter(limit: 0)
+        return try await ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 64)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.writeBufferWaterMark, value: .init(low: admin.maxOutboundBytes / 2, high: admin.maxOutboundBytes))
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
+                    try channel.pipeline.syncOperations.addHandler(HTTPHandler(configuration: admin, files: nil, counter: counter, loop: nil))
+                }
+            }
+            .bind(host: listener.host, port: listener.port)
+            .get()
+    }
+
+    /// The engine's figures so far, summed over the loops (each loop is asked on the loop).
+    /// Every WebSocket path is there, with zeros if nothing happened on it.
+    public func figures() async -> EngineFigures {
+        var total = EngineFigures()
+        for path in configuration.webSocketPaths { total.paths[path] = EngineFigures.PathFigures() }
+        for loop in group.makeIterator() {
+            guard let state = loops[ObjectIdentifier(loop)],
+                  let figures = try? await loop.submit({ state.value.figures() }).get() else { continue }
+            total.add(figures)
+        }
+        return total
+    }
+
     /// Stops accepting, closes every connection with `code` (1001, going away, by default),
     /// waits up to `grace` for the closing handshakes, then stops the event loops.
     ///
@@ -94,6 +144,7 @@ public final class WebSocketServer: Sendable {
     /// loops, stops before they do.
     public func shutdown(code: UInt16 = 1001, reason: String = "server shutting down", grace: TimeAmount = .seconds(2)) async {
         try? await serverChannel.close()
+        try? await adminChannel?.close()
         await withTaskGroup(of: Void.self) { tasks in
             for loop in group.makeIterator() {
                 guard let state = loops[ObjectIdentifier(loop)] else { continue }

@@ -3,6 +3,7 @@ import Dispatch
 import Foundation
 import Logging
 import LuaWSApp
+import LuaWSMetrics
 import NIOCore
 import RedisClient
 import ScriptHost
@@ -13,12 +14,30 @@ struct Luaws: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "luaws",
         abstract: "A WebSocket server whose behaviour is written in Lua.",
+        version: "luaws \(luawsVersion)",
         subcommands: [Serve.self, Check.self],
         defaultSubcommand: Serve.self
     )
 }
 
+/// Printed by `luaws --version`.
+let luawsVersion = "0.2.0"
+
 extension Logger.Level: @retroactive ExpressibleByArgument {}
+
+/// `--access-log on|off`.
+enum Switch: String, ExpressibleByArgument, CaseIterable {
+    case on, off
+}
+
+/// `HOST:PORT` (IPv6 in brackets: `[::1]:9090`), or nil if it is not one.
+func parseHostPort(_ text: String) -> (host: String, port: Int)? {
+    guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port) else { return nil }
+    var host = String(text[..<colon])
+    if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+    guard !host.isEmpty else { return nil }
+    return (host, port)
+}
 extension SlowConsumerPolicy: ExpressibleByArgument {}
 
 /// `--var NAME=VALUE` items as a dictionary (a missing `=VALUE` gives an empty value).
@@ -164,6 +183,21 @@ struct Serve: AsyncParsableCommand {
     @Flag(help: .hidden)
     var builtinEcho = false
 
+    @Option(name: .customLong("tls-cert"), help: "PEM certificate chain (leaf first): serve https:// and wss:// (with --tls-key; re-read on SIGHUP).")
+    var tlsCertificate: String?
+
+    @Option(name: .customLong("tls-key"), help: "PEM private key of --tls-cert.")
+    var tlsKey: String?
+
+    @Option(help: "HOST:PORT of a separate plain-HTTP listener for /luaws/status, /metrics, /healthz and /readyz (port 0 picks a free one).")
+    var admin: String?
+
+    @Flag(help: "Also serve /luaws/status, /metrics, /healthz and /readyz on the public listener (for development).")
+    var adminOnPublic = false
+
+    @Option(help: "on or off: one log line per closed WebSocket connection, at info.")
+    var accessLog = Switch.on
+
     @Option(help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: Logger.Level = .info
 
@@ -195,6 +229,12 @@ struct Serve: AsyncParsableCommand {
         }
         if cluster && redis == nil { throw ValidationError("--cluster needs --redis redis://HOST:PORT") }
         if redisRequired && redis == nil { throw ValidationError("--redis-required needs --redis") }
+        if (tlsCertificate == nil) != (tlsKey == nil) {
+            throw ValidationError("--tls-cert and --tls-key go together")
+        }
+        if let admin, parseHostPort(admin) == nil {
+            throw ValidationError("--admin takes HOST:PORT, e.g. 127.0.0.1:9090, got '\(admin)'")
+        }
         for path in webSocketPaths where !path.hasPrefix("/") {
             throw ValidationError("--ws-path must start with /, got '\(path)'")
         }
@@ -215,6 +255,16 @@ struct Serve: AsyncParsableCommand {
         } catch {
             logger.critical("cannot read scripts: \(error)")
             throw ExitCode(1)
+        }
+        // Before anything that must be shut down (the HTTP client) is made: a bad pair just exits.
+        var certificates: CertificateStore?
+        if let tlsCertificate, let tlsKey {
+            do {
+                certificates = try CertificateStore(certificate: tlsCertificate, key: tlsKey)
+            } catch {
+                logger.critical("TLS: \(error)")
+                throw ExitCode(1)
+            }
         }
         var pluginVars: [String: String] = [:]
         do {
@@ -261,7 +311,6 @@ struct Serve: AsyncParsableCommand {
             logger.warning("public folder \(publicDirectory) not found: serving no page")
         }
 
-        let statusPath = "/luaws/status"
         var bus: RedisBus?
         var remoteStore: RedisStore?
         if let url = serviceSettings.redis {
@@ -282,13 +331,23 @@ struct Serve: AsyncParsableCommand {
             }
         }
         let linkedBus = bus
+        configuration.accessLog = accessLog == .on
+        configuration.security = certificates
+
+        // Plugin routes may not take the admin paths where they are served.
         let cluster = ScriptCluster(
             plugins: plugins, vars: pluginVars, limits: limits, logger: logger, services: services,
-            reservedPaths: webSocketPaths + [statusPath], bus: linkedBus, remoteStore: remoteStore)
-
-        let scriptsFolder = scripts
-        configuration.routes[statusPath] = { eventLoop in
-            eventLoop.makeFutureWithTask { await StatusPage.json(cluster, scripts: scriptsFolder, bus: linkedBus) }
+            reservedPaths: webSocketPaths + (adminOnPublic ? AdminRoutes.paths : []), bus: linkedBus, remoteStore: remoteStore)
+        let reloader = Reloader(scripts: scripts, cluster: cluster, logger: logger)
+        let exporter = MetricsExporter()
+        exporter.bootstrapMetricsSystem()
+        let adminRoutes = AdminRoutes(
+            cluster: cluster, scripts: scripts, exporter: exporter, bus: linkedBus, requireRedis: redisRequired,
+            reloadCounts: { reloader.reloadCounts },
+            certificateReloadCounts: { [certificates] in certificates?.reloadCounts ?? [:] })
+        if adminOnPublic { configuration.routes.merge(adminRoutes.routes) { _, new in new } }
+        if let admin, let (adminHost, adminPort) = parseHostPort(admin) {
+            configuration.admin = AdminListener(host: adminHost, port: adminPort, routes: adminRoutes.routes)
         }
 
         let server: WebSocketServer
@@ -301,18 +360,28 @@ struct Serve: AsyncParsableCommand {
             }
         } catch let error as PluginLoadError {
             logger.critical("scripts did not load: \(error.message)")
+            await services.shutdown()  // an HTTP client dropped without it traps
+            throw ExitCode(1)
+        } catch {
+            logger.critical("cannot listen: \(error)")
             await services.shutdown()
             throw ExitCode(1)
         }
+        adminRoutes.serving(server)
         let names = plugins.plugins.map(\.name).joined(separator: ", ")
         let port = server.localAddress?.port ?? port
         logger.info("plugins: \(names.isEmpty ? "(none)" : names)")
         // Watching starts before the banner: an edit made as soon as the server says it listens
         // must not be missed.
-        let reloader = Reloader(scripts: scripts, cluster: cluster, logger: logger)
         reloader.watchFiles()
-        // The first line on stdout says where to connect; tests read the port from it.
-        let banner = "luaws listening on http://\(host):\(port) (WebSocket paths: \(webSocketPaths.joined(separator: " ")))\n"
+        // The first line on stdout says where to connect (http:// or https://); tests read the
+        // port from it. The admin listener, if any, is on the second.
+        let scheme = certificates == nil ? "http" : "https"
+        var banner = "luaws listening on \(scheme)://\(host):\(port) (WebSocket paths: \(webSocketPaths.joined(separator: " ")))\n"
+        if let address = server.adminAddress, let (adminHost, _) = admin.flatMap(parseHostPort) {
+            let shown = adminHost.contains(":") ? "[\(adminHost)]" : adminHost
+            banner += "luaws admin on http://\(shown):\(address.port ?? 0)\n"
+        }
         FileHandle.standardOutput.write(Data(banner.utf8))
 
         let reloading = Task { await reloader.run() }
@@ -320,6 +389,14 @@ struct Serve: AsyncParsableCommand {
         for await signal in Signals.stream([SIGINT, SIGTERM, SIGHUP]) {
             if signal == SIGHUP {
                 reloader.request("SIGHUP")
+                if let certificates {
+                    do {
+                        try certificates.reload()
+                        logger.info("TLS: reloaded \(certificates.certificatePath) (new connections get it)")
+                    } catch {
+                        logger.error("TLS: reload refused, the previous certificate keeps serving: \(error)")
+                    }
+                }
                 continue
             }
             logger.info("signal \(signal): closing every connection with 1001")

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import NIOConcurrencyHelpers
 import ScriptHost
 
 #if canImport(Glibc)
@@ -16,6 +17,10 @@ final class Reloader: Sendable {
     private let logger: Logger
     private let requests: AsyncStream<String>.Continuation
     private let stream: AsyncStream<String>
+    /// Reloads by result (`success`, `failure`), for `/metrics`.
+    private let results = NIOLockedValueBox<[String: Int]>([:])
+
+    var reloadCounts: [String: Int] { results.withLockedValue { $0 } }
 
     init(scripts: String, cluster: ScriptCluster, logger: Logger) {
         self.scripts = scripts
@@ -42,13 +47,17 @@ final class Reloader: Sendable {
         do {
             set = try PluginSet.read(from: scripts)
         } catch let error as PluginLoadError {
+            results.withLockedValue { $0["failure", default: 0] += 1 }
             logger.error("reload (\(why)) failed, previous scripts keep serving: \(error.message)")
             return
         } catch {
+            results.withLockedValue { $0["failure", default: 0] += 1 }
             logger.error("reload (\(why)) failed, previous scripts keep serving: \(error)")
             return
         }
-        switch await cluster.reload(set) {
+        let outcome = await cluster.reload(set)
+        results.withLockedValue { $0[(try? outcome.get()) == nil ? "failure" : "success", default: 0] += 1 }
+        switch outcome {
         case .success(let status):
             logger.info("reloaded (\(why)): version \(status.version), plugins: \(status.plugins.joined(separator: ", "))")
         case .failure(let error):

@@ -14,9 +14,16 @@ BINARY = Path(os.environ.get("LUAWS_BIN", ROOT / ".build" / "debug" / "luaws"))
 
 
 class Server:
-    """A running luaws process. `stderr` collects its log lines as they come."""
+    """A running luaws process. `stderr` collects its log lines as they come.
 
-    def __init__(self, args, cwd=ROOT):
+    With `admin` (the default) it also gets an admin listener on a free port (`--admin`), whose
+    base URL is `self.admin`: /luaws/status, /metrics, /healthz and /readyz are served there
+    only. Without it, `self.admin` is None unless the arguments ask for one themselves.
+    """
+
+    def __init__(self, args, cwd=ROOT, admin=True):
+        if admin and "--admin" not in args:
+            args = [*args, "--admin", "127.0.0.1:0"]
         self.proc = subprocess.Popen(
             [str(BINARY), "--host", "127.0.0.1", "--port", "0", *args],
             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -24,13 +31,25 @@ class Server:
         self._stderr = []
         threading.Thread(target=self._drain, daemon=True).start()
         line = self.proc.stdout.readline()
-        match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        # http:// when plain, https:// with --tls-cert.
+        match = re.search(r"(https?)://127\.0\.0\.1:(\d+)", line)
         if not match:
             self.proc.kill()
             raise RuntimeError(f"luaws did not start: {line!r} {self.stderr}")
-        self.port = int(match.group(1))
-        self.url = f"ws://127.0.0.1:{self.port}/ws"
-        self.http = f"http://127.0.0.1:{self.port}"
+        self.scheme = match.group(1)
+        self.port = int(match.group(2))
+        ws = "wss" if self.scheme == "https" else "ws"
+        self.url = f"{ws}://127.0.0.1:{self.port}/ws"
+        self.http = f"{self.scheme}://127.0.0.1:{self.port}"
+        self.admin = None
+        if "--admin" in args:
+            line = self.proc.stdout.readline()
+            match = re.search(r"admin on http://127\.0\.0\.1:(\d+)", line)
+            if not match:
+                self.proc.kill()
+                raise RuntimeError(f"luaws printed no admin address: {line!r} {self.stderr}")
+            self.admin_port = int(match.group(1))
+            self.admin = f"http://127.0.0.1:{self.admin_port}"
 
     def _drain(self):
         for line in self.proc.stderr:
@@ -64,8 +83,8 @@ def start_server():
     """start_server(*args) -> Server; every server started is stopped after the test."""
     started = []
 
-    def start(*args, cwd=ROOT):
-        server = Server(list(args), cwd=cwd)
+    def start(*args, cwd=ROOT, admin=True):
+        server = Server(list(args), cwd=cwd, admin=admin)
         started.append(server)
         return server
 

@@ -148,7 +148,7 @@ def test_keepalive_ping_is_bounded_for_a_client_that_never_reads(tmp_path, start
 
 
 def open_connections(server):
-    with urllib.request.urlopen(server.http + "/luaws/status", timeout=5) as r:
+    with urllib.request.urlopen(server.admin + "/luaws/status", timeout=5) as r:
         return json.loads(r.read())["connections"]
 
 

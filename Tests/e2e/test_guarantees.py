@@ -35,7 +35,7 @@ def replace(path, text):
 
 
 def status(server):
-    with urllib.request.urlopen(server.http + "/luaws/status", timeout=5) as r:
+    with urllib.request.urlopen(server.admin + "/luaws/status", timeout=5) as r:
         return json.loads(r.read())
 
 

@@ -133,7 +133,7 @@ def test_slow_consumer_memory_stays_bounded(tmp_path, start_server, policy):
         assert server.wait_for_log("slow consumer")
         # The server has let the connection go (what the kernel still buffers is not the process's).
         import json, urllib.request
-        with urllib.request.urlopen(server.http + "/luaws/status", timeout=5) as r:
+        with urllib.request.urlopen(server.admin + "/luaws/status", timeout=5) as r:
             assert json.loads(r.read())["connections"] == 0
     else:
         assert server.proc.poll() is None

@@ -20,7 +20,7 @@ def run(coro):
 
 
 def status(server):
-    with urllib.request.urlopen(server.http + "/luaws/status", timeout=5) as r:
+    with urllib.request.urlopen(server.admin + "/luaws/status", timeout=5) as r:
         return json.loads(r.read())
 
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def status(server):
-    with urllib.request.urlopen(server.http + "/luaws/status", timeout=5) as r:
+    with urllib.request.urlopen(server.admin + "/luaws/status", timeout=5) as r:
         return json.loads(r.read())
 
 
