@@ -57,12 +57,13 @@ public final class ScriptCluster: Sendable {
         self.state = NIOLockedValueBox((plugins, status))
     }
 
-    /// Makes the plugin host of `eventLoop`, on that loop, with the current plugin set.
-    public func makeHost(on eventLoop: EventLoop) throws -> PluginHost {
+    /// Makes the plugin host of `eventLoop`, on that loop, with the current plugin set;
+    /// `clock` as for `PluginHost.init` (nil: the system clock).
+    public func makeHost(on eventLoop: EventLoop, clock: (() -> Int64)? = nil) throws -> PluginHost {
         let set = state.withLockedValue { $0.set }
         // The first loop's host is the primary: it alone runs top-level plugin timers.
         let isPrimary = members.withLockedValue { $0.isEmpty }
-        let host = try PluginHost(plugins: set, vars: vars, limits: limits, logger: logger, cluster: self, eventLoop: eventLoop, isPrimary: isPrimary, services: services, reservedPaths: reservedPaths)
+        let host = try PluginHost(plugins: set, vars: vars, limits: limits, logger: logger, cluster: self, eventLoop: eventLoop, isPrimary: isPrimary, services: services, reservedPaths: reservedPaths, clock: clock)
         members.withLockedValue { $0.append(Member(eventLoop: eventLoop, host: NIOLoopBound(host, eventLoop: eventLoop))) }
         return host
     }

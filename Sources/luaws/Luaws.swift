@@ -13,7 +13,7 @@ struct Luaws: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "luaws",
         abstract: "A WebSocket server whose behaviour is written in Lua.",
-        subcommands: [Serve.self, Check.self],
+        subcommands: [Serve.self, Check.self, TestCommand.self],
         defaultSubcommand: Serve.self
     )
 }
