@@ -45,6 +45,8 @@ public struct PluginTestRunner {
                 .filter { $0.hasSuffix("_test.lua") && !($0 as NSString).lastPathComponent.hasPrefix(".") }
                 .sorted()
                 .map { (root as NSString).appendingPathComponent($0) }
+                // `./scripts/tests/x_test.lua` reads better as `scripts/tests/x_test.lua`.
+                .map { $0.hasPrefix("./") ? String($0.dropFirst(2)) : $0 }
             files += found
         }
         return files
@@ -96,7 +98,7 @@ public struct PluginTestRunner {
                     failed += 1
                     output("FAIL - \(name)")
                     output(Self.indent(failure))
-                    let lines = session.logLines + session.printed.map { "print: \($0)" }
+                    let lines = session.caseLog + session.printed.map { "print: \($0)" }
                     if !lines.isEmpty {
                         output("    log:")
                         for line in lines.suffix(20) { output("      \(line)") }

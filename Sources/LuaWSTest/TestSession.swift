@@ -54,17 +54,19 @@ final class TestSession: ScriptTestDriver {
         printed = []
     }
 
-    /// Ends the case; returns hook errors nobody has seen yet (a failure).
+    /// Ends the case; returns hook errors nobody has seen yet (a failure). `logLines` keeps
+    /// what was logged until now: the connections closed by the shutdown are not the test's.
     func endCase() -> String? {
         let late = pendingErrors()
+        caseLog = sink.lines
         world?.shutdown()
         world = nil
         caseSetup = nil
         return late.isEmpty ? nil : "a plugin failed: " + late.joined(separator: "\n    ")
     }
 
-    /// What the plugins logged in this case, for a failure report.
-    var logLines: [String] { sink.lines }
+    /// What the plugins logged in the case that ended, for a failure report.
+    private(set) var caseLog: [String] = []
 
     private func pendingErrors() -> [String] {
         sink.takeErrors() + services.takeProblems()
