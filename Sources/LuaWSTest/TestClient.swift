@@ -35,6 +35,21 @@ final class TestClient {
         self.channel = channel
     }
 
+    /// A HEAD request's answer has no body, whatever its Content-Length says.
+    private var isHead = false
+    /// The answer's headers (names in lower case), once it came.
+    private(set) var headers: [(name: String, value: String)] = []
+
+    /// A plain HTTP request (a plugin route), with `headerLines` added; its answer reads like a
+    /// refused handshake (`state` is `.refused(status)`, with `body` and `headers`).
+    func request(method: String, path: String, headerLines: String, body: [UInt8]) throws {
+        isHead = method == "HEAD"
+        var request = "\(method) \(path) HTTP/1.1\r\nHost: luaws.test\r\nContent-Length: \(body.count)\r\n"
+        for line in headerLines.split(separator: "\n") where !line.isEmpty { request += line + "\r\n" }
+        request += "\r\n"
+        try channel.writeInbound(ByteBuffer(bytes: Array(request.utf8) + body))
+    }
+
     /// The opening handshake, with `headerLines` ("Name: value", one a line) added.
     func handshake(path: String, headerLines: String) throws {
         var request = "GET \(path) HTTP/1.1\r\nHost: luaws.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -71,17 +86,18 @@ final class TestClient {
             let head = String(decoding: pending[..<end], as: UTF8.self)
             let lines = head.split(separator: "\r\n")
             let status = lines.first.flatMap { $0.split(separator: " ").dropFirst().first }.flatMap { Int($0) } ?? 0
-            var headers: [(String, String)] = []
+            var headers: [(name: String, value: String)] = []
             for line in lines.dropFirst() {
                 guard let colon = line.firstIndex(of: ":") else { continue }
                 headers.append((line[..<colon].lowercased(), line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)))
             }
+            self.headers = headers
             if status == 101 {
                 pending.removeSubrange(..<end)
                 subprotocol = headers.first { $0.0 == "sec-websocket-protocol" }?.1
                 state = .open
             } else {
-                let length = headers.first { $0.0 == "content-length" }.flatMap { Int($0.1) } ?? 0
+                let length = isHead ? 0 : headers.first { $0.0 == "content-length" }.flatMap { Int($0.1) } ?? 0
                 guard pending.count >= end + length else { return }
                 body = String(decoding: pending[end..<end + length], as: UTF8.self)
                 pending.removeSubrange(..<(end + length))

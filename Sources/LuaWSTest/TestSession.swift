@@ -184,6 +184,12 @@ final class TestSession: ScriptTestDriver {
             let world = try ensureWorld()
             let id = try world.connect(path: string(0) ?? "/", headerLines: string(1) ?? "", remoteAddress: string(2))
             return checked(.integer(Int64(id)))
+        case "request":
+            let world = try ensureWorld()
+            let id = try world.request(
+                method: string(0) ?? "GET", path: string(1) ?? "/", headerLines: string(2) ?? "", body: Self.unhex(string(3) ?? ""),
+                remoteAddress: string(4))
+            return checked(.integer(Int64(id)))
         case "advance":
             let world = try ensureWorld()
             world.advance(seconds: number(0) ?? 0)
@@ -275,6 +281,8 @@ final class TestSession: ScriptTestDriver {
         case "close_code": return client.closeCode.map { .integer(Int64($0)) } ?? .nil
         case "close_reason": return client.closeReason.map { .string($0) } ?? .nil
         case "protocol": return client.subprotocol.map { .string($0) } ?? .nil
+        case "headers":
+            return .string(Self.json(Dictionary(client.headers.map { ($0.name, $0.value) }, uniquingKeysWith: { a, b in a + ", " + b })))
         default: return .nil
         }
     }

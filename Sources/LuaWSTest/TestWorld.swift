@@ -102,6 +102,16 @@ final class TestWorld {
         return clients.count
     }
 
+    /// A client that sends one plain HTTP request (for plugin routes).
+    func request(method: String, path: String, headerLines: String, body: [UInt8], remoteAddress: String?) throws -> Int {
+        let channel = try server.connect(remoteAddress: remoteAddress ?? "127.0.0.1")
+        let client = TestClient(channel: channel)
+        clients.append(client)
+        try client.request(method: method, path: path, headerLines: headerLines, body: body)
+        settle()
+        return clients.count
+    }
+
     func client(_ id: Int) -> TestClient? {
         clients.indices.contains(id - 1) ? clients[id - 1] : nil
     }

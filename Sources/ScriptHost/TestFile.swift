@@ -391,6 +391,53 @@ local function install_test_api()
     call("close", id, code or 1000, reason or "")
   end
 
+  -- The answer to test.request: fields read live (status is nil until the route answers).
+  local Response = {
+    __index = function(r, k)
+      local id = rawget(r, "_id")
+      if k == "status" then return call("field", id, "refused") end
+      if k == "body" then
+        if call("field", id, "refused") == nil then return nil end
+        return call("field", id, "body")
+      end
+      if k == "headers" then
+        if call("field", id, "refused") == nil then return nil end
+        return json_decode(call("field", id, "headers"))
+      end
+      fail("a test response has no field '" .. tostring(k) .. "' (status, headers, body)")
+    end,
+    __newindex = function(_, k) fail("a test response is read-only (cannot set '" .. tostring(k) .. "')") end,
+    __metatable = false,
+  }
+  local HTTP_METHODS = { GET = true, HEAD = true, POST = true, PUT = true, PATCH = true, DELETE = true, OPTIONS = true }
+  local REQUEST_OPTIONS = { headers = true, body = true, remote_addr = true }
+  --- test.request(method, path [, { headers =, body =, remote_addr = }]) -> response: a plain
+  --- HTTP request (plugin routes): response.status, .headers (lower-case names), .body.
+  function t.request(method, path, opts)
+    need_case("request")
+    if not HTTP_METHODS[method] then fail("request: method must be one of GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS") end
+    if type(path) ~= "string" or path:sub(1, 1) ~= "/" or find(path, "[%s%c]") then
+      fail("request: the path must start with / and have no spaces")
+    end
+    opts = opts or {}
+    if type(opts) ~= "table" then fail("request: options must be a table { headers =, body =, remote_addr = }") end
+    for k in pairs(opts) do
+      if not REQUEST_OPTIONS[k] then fail("request: unknown option " .. tostring(k) .. " (headers, body, remote_addr)") end
+    end
+    local lines = {}
+    for k, v in pairs(opts.headers or {}) do
+      v = tostring(v)
+      if type(k) ~= "string" or not k:match("^[!#$%%&'*+%-.^_`|~%w]+$") or find(v, "[\r\n%z]") then
+        fail("request: bad header " .. tostring(k))
+      end
+      lines[#lines + 1] = k .. ": " .. v
+    end
+    sort(lines)
+    if opts.body ~= nil and type(opts.body) ~= "string" then fail("request: body must be a string") end
+    local id = call("request", method, path, concat(lines, "\n"), hex(opts.body or ""), opts.remote_addr)
+    return setmetatable({ _id = id }, Response)
+  end
+
   local CONNECT_OPTIONS = { headers = true, protocols = true, remote_addr = true }
   --- test.connect(path [, { headers =, protocols =, remote_addr = }]) -> conn: opens a WebSocket
   --- through the server's handshake, on_upgrade and on_open. A refusal: conn.refused is its status.

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import LuaWSTest
+import ScriptHost
 
 /// `luaws test [PATHS]`: runs plugin tests (`*_test.lua`) in-process, on a virtual clock.
 /// Synchronous on purpose: the embedded event loop the tests run on belongs to one thread.
@@ -22,8 +23,28 @@ struct TestCommand: ParsableCommand {
     @Option(name: .customLong("var"), help: "NAME=VALUE for luaws.var, as for serve (repeatable).")
     var vars: [String] = []
 
+    @Option(help: "Lua VM instructions one hook call may run before it is stopped (0 = no limit), as for serve.")
+    var instructionBudget = ScriptLimits().instructionBudget
+
+    @Option(help: "Memory cap of the plugins' Lua state, in MiB (0 = no limit), as for serve.")
+    var luaMemoryMb = ScriptLimits().memoryLimit >> 20
+
+    @Option(help: "Seconds (of virtual time) a hook may wait before it is cancelled, as for serve.")
+    var hookTimeout = 30.0
+
+    func validate() throws {
+        for item in vars where !item.contains("=") {
+            throw ValidationError("--var takes NAME=VALUE, got '\(item)'")
+        }
+        if instructionBudget < 0 || luaMemoryMb < 0 || luaMemoryMb > 1 << 30 || !(hookTimeout > 0 && hookTimeout <= 1e9) {
+            throw ValidationError("--instruction-budget, --lua-memory-mb and --hook-timeout take the values serve takes")
+        }
+    }
+
     func run() throws {
         var runner = PluginTestRunner(scripts: scripts)
+        runner.limits = ScriptLimits(instructionBudget: instructionBudget, memoryLimit: luaMemoryMb << 20)
+        runner.limits.hookTimeout = hookTimeout
         runner.webSocketPaths = webSocketPaths
         runner.vars = parseVars(vars)
         runner.output = { line in FileHandle.standardOutput.write(Data((line + "\n").utf8)) }
