@@ -59,24 +59,84 @@ local Timer = {}
 ---Stops the timer; harmless if it already fired or was cancelled.
 function Timer:cancel() end
 
----The process-wide store, shared by every Lua state. It holds at most `--shared-memory-mb`
----(default 64 MiB) of keys and values, and 1 MiB for one key and value: past that `set` and
----`incr` raise an error.
+---The shared store: one per process, or with `--cluster` one for every process on the same
+---Redis (keys prefixed with `--redis-prefix`). Keys and values are strings (numbers are stored
+---in their string form; booleans and tables are refused); a key holds a string or a set. Every
+---operation is atomic. In-process the calls return at once; over Redis they wait, so there
+---they work only where a hook may wait (see `luaws.sleep`). Failures (Redis down, a key of the
+---other kind) are `nil, err`; bad arguments are errors. In-process it holds at most
+---`--shared-memory-mb` (default 64 MiB), 1 MiB for one key and value: past that a call raises.
 ---@class luaws.Shared
 local Shared = {}
 ---@param key string
----@return string|number|boolean|nil
+---@return string? value
+---@return string? err
 function Shared:get(key) end
+---Stores `value` (nil deletes), for `ttl` seconds if given.
 ---@param key string
----@param value string|number|boolean|nil nil deletes.
-function Shared:set(key, value) end
+---@param value string|number|nil
+---@param ttl? number
+---@return true? ok
+---@return string? err
+function Shared:set(key, value, ttl) end
+---Stores `value` only if `key` is absent: true if it did, false if the key exists.
 ---@param key string
-function Shared:delete(key) end
+---@param value string|number
+---@param ttl? number
+---@return boolean? added
+---@return string? err
+function Shared:add(key, value, ttl) end
+---Compare-and-set: stores `new` only if the value is `old` (nil: the key is absent).
+---@param key string
+---@param old string|number|nil
+---@param new string|number
+---@return boolean? swapped
+---@return string? err
+function Shared:cas(key, old, new) end
 ---Adds `by` (default 1) atomically; a missing key counts as 0. Returns the new value.
 ---@param key string
 ---@param by? number
----@return number
+---@return number? value
+---@return string? err
 function Shared:incr(key, by) end
+---Removes `key`: true if it existed.
+---@param key string
+---@return boolean? existed
+---@return string? err
+function Shared:delete(key) end
+---Makes `key` expire in `ttl` seconds: true if it exists.
+---@param key string
+---@param ttl number
+---@return boolean? exists
+---@return string? err
+function Shared:expire(key, ttl) end
+---The keys that start with `prefix` (all: ""), sorted in-process, unordered over Redis.
+---@param prefix? string
+---@return string[]? keys
+---@return string? err
+function Shared:keys(prefix) end
+---Adds `member` to the set at `key`: true if it was not there.
+---@param key string
+---@param member string|number
+---@return boolean? added
+---@return string? err
+function Shared:sadd(key, member) end
+---Removes `member` from the set at `key`: true if it was there.
+---@param key string
+---@param member string|number
+---@return boolean? removed
+---@return string? err
+function Shared:srem(key, member) end
+---The members of the set at `key` (empty if none), sorted in-process.
+---@param key string
+---@return string[]? members
+---@return string? err
+function Shared:smembers(key) end
+---How many members the set at `key` has.
+---@param key string
+---@return integer? count
+---@return string? err
+function Shared:scard(key) end
 
 ---@class luaws.JSON
 ---@field null lightuserdata JSON null (decoded as this; encode it to write null).
@@ -153,13 +213,19 @@ function luaws.sleep(seconds) end
 
 ---Sends `text` (valid UTF-8) to every subscriber of `channel`, on every event loop. Raises an
 ---error while more than 64 MiB of messages wait to reach the event loops.
+---With `--cluster` it reaches every process on the same Redis; while Redis is down it reaches
+---this process's subscribers only and returns nil, "redis unavailable: ...".
 ---@param channel string
 ---@param text string
+---@return true? ok
+---@return string? err
 function luaws.publish(channel, text) end
 
 ---Sends `text` (valid UTF-8) to every connection whose path is `path`, on every event loop.
 ---@param path string
 ---@param text string
+---@return true? ok
+---@return string? err
 function luaws.broadcast(path, text) end
 
 ---Sends a command to Redis (`--redis URL`) and waits for the reply, without blocking the server.

@@ -76,6 +76,7 @@ typedef struct luaws_host {
     lua_Integer remaining;       /* what is left of the current call's budget */
     int budget_hit;              /* set once the current call's budget is spent */
     lua_State *hook_thread;      /* the coroutine running a hook now, or NULL: where core.wait may yield */
+    int wait_pending;            /* set by core.wait as it yields: a yield without it is the script's own */
     char error[LUAWS_ERR_MAX];   /* the last error of luaws_call, NUL-terminated */
 
     /* Callbacks into Swift. They get plain values and must not call Lua. */
@@ -509,6 +510,7 @@ static int luaws_core_wait(lua_State *L) {
         lua_concat(L, 2);
         return lua_error(L);
     }
+    h->wait_pending = 1;
     return lua_yield(L, lua_gettop(L));
 }
 
@@ -775,17 +777,20 @@ static int luaws_run_trampoline(lua_State *L) {
     lua_xmove(L, co, pushed);
     int nres = 0;
     h->hook_thread = co;
+    h->wait_pending = 0;
     int status = lua_resume(co, L, f->nargs, &nres);
     h->hook_thread = NULL;
+    int waited = h->wait_pending;
+    h->wait_pending = 0;
     if (status == LUA_OK) {
         run->state = LUAWS_RUN_DONE;
         run->truthy = nres > 0 && lua_toboolean(co, -nres);
         lua_settop(co, 0);
     } else if (status == LUA_YIELD) {
         run->state = LUAWS_RUN_SUSPENDED;
-        if (!luaws_read_yield(co, nres, run)) {
-            /* Not a yield of core.wait (core.wait checks that only the hook thread yields
-             * through it); a script's coroutine.yield in the hook itself, say. */
+        if (!waited || !luaws_read_yield(co, nres, run)) {
+            /* Not a yield of core.wait: the script's own coroutine.yield in the hook itself
+             * (which must not pass for a request to the server, whatever it yields). */
             lua_settop(co, 0);
             lua_resetthread(co);
             run->state = LUAWS_RUN_FAILED;

@@ -35,6 +35,12 @@ public final class LuaApplication: WebSocketApplication {
         return promise.futureResult
     }
 
+    /// Waiting hooks end now (their calls return nil, "server stopping"), so that the
+    /// connections' on_close run before the loop stops.
+    public func stopping() {
+        plugins.stop()
+    }
+
     public func hasRoute(method: String, path: String) -> Bool {
         plugins.hasRoute(method: method, path: path)
     }

@@ -183,10 +183,9 @@ final class LuaVM {
         case .number(let n): reply.pointee.type = Int32(LUAWS_REPLY_NUM); reply.pointee.number = n
         case .string(let s): reply.pointee.type = Int32(LUAWS_REPLY_STR); copy(s)
         case .bytes(let b):
-            // As they are: a binary message for a test file need not be UTF-8.
             reply.pointee.type = Int32(LUAWS_REPLY_STR)
             let memory = malloc(max(b.count, 1))!
-            b.withUnsafeBytes { raw in if let base = raw.baseAddress { memcpy(memory, base, raw.count) } }
+            b.withUnsafeBytes { if let base = $0.baseAddress { memcpy(memory, base, b.count) } }
             reply.pointee.str = memory.assumingMemoryBound(to: CChar.self)
             reply.pointee.len = b.count
         case .error(let s): reply.pointee.type = Int32(LUAWS_REPLY_ERROR); copy(s)

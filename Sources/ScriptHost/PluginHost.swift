@@ -149,7 +149,7 @@ public final class PluginHost {
     /// What a hook may wait for (`core.wait`'s first argument); the prelude has the same
     /// numbers (WAIT_*).
     private enum WaitOperation: Int64 {
-        case sleep = 1, http, redis
+        case sleep = 1, http, redis, store, subscribe
     }
 
     /// A timer scripts started. `task` is nil while it waits for its set to be activated.
@@ -165,7 +165,7 @@ public final class PluginHost {
 
     /// `core.command` operations; the prelude has the same numbers (OP_*).
     private enum Command: Int32 {
-        case timerStart = 1, timerCancel, subscribe, unsubscribe, publish, broadcast, sharedGet, sharedSet, sharedIncrement
+        case timerStart = 1, timerCancel, subscribe, unsubscribe, publish, broadcast, store
     }
 
     private let vm: LuaVM
@@ -197,6 +197,8 @@ public final class PluginHost {
     /// Hooks that wait, by operation.
     private var suspensions: [Int64: Suspension] = [:]
     private var nextOperation: Int64 = 0
+    /// Set by `stop()`: waits end at once.
+    private var stopping = false
     private let limits: ScriptLimits
     private let services: ScriptServices?
 
@@ -257,6 +259,7 @@ public final class PluginHost {
         fnUpgradeOutcome = try vm.apiFunction("upgrade_outcome")
         fnCallRoute = try vm.apiFunction("call_route")
         fnRouteResponse = try vm.apiFunction("route_response")
+        if cluster?.storeWaits == true { try vm.call(try vm.apiFunction("set_store_waits"), [.bool(true)]) }
         let setVar = try vm.apiFunction("set_var")
         for (name, value) in vars.sorted(by: { $0.key < $1.key }) {
             try vm.call(setVar, [.string(name), .string(value)])
@@ -564,7 +567,7 @@ public final class PluginHost {
             enqueue(event, on: id)
             return
         }
-        if run(event, connection: id, ref: connection.ref, from: 0) { done(event, of: id) }
+        if run(event, connection: id, ref: connection.ref, path: connection.path, from: 0) { done(event, of: id) }
     }
 
     /// The functions `event` runs through, in order, with the plugin (index) of each; -1 for
@@ -589,9 +592,9 @@ public final class PluginHost {
     /// a hook waits. Returns false if a hook waits: the rest runs when it resumes. A hook that
     /// fails is reported and the next plugin still sees the event. `connection` is 0 for a
     /// plugin timer (which has no connection and no queue).
-    private func run(_ event: ConnectionEvent, connection id: Int64, ref: Int32, from start: Int, finished: (() -> Void)? = nil) -> Bool {
+    private func run(_ event: ConnectionEvent, connection id: Int64, ref: Int32, path: String = "", from start: Int, finished: (() -> Void)? = nil) -> Bool {
         let set = active
-        let functions = chain(for: event, path: id == 0 ? "" : connections[id]?.path ?? "", in: set)
+        let functions = chain(for: event, path: path, in: set)
         var index = start
         while index < functions.count {
             guard let thread = takeReadyThread() else {
@@ -673,7 +676,7 @@ public final class PluginHost {
         connections[id]?.busy = false
         var completed = true
         if !stop, suspension.generation == active.generation {
-            completed = run(suspension.event, connection: id, ref: connection.ref, from: suspension.index + 1)
+            completed = run(suspension.event, connection: id, ref: connection.ref, path: connection.path, from: suspension.index + 1)
         }
         if completed {
             done(suspension.event, of: id)
@@ -687,7 +690,7 @@ public final class PluginHost {
             let event = connections[id]!.waiting.removeFirst()
             if case .message(let data, _) = event { connections[id]!.waitingBytes -= data.readableBytes }
             resumeReadingIfDrained(id)
-            if run(event, connection: id, ref: connection.ref, from: 0) { done(event, of: id) }
+            if run(event, connection: id, ref: connection.ref, path: connection.path, from: 0) { done(event, of: id) }
         }
     }
 
@@ -695,6 +698,16 @@ public final class PluginHost {
     /// from the client (TCP back-pressure: nothing is dropped, memory stays bounded).
     private func enqueue(_ event: ConnectionEvent, on id: Int64) {
         guard var connection = connections[id] else { return }
+        // An idle timer or a repeating timer that fires again while its last firing still
+        // waits in the queue fires once: a long wait must not end in a burst of pushes.
+        switch event {
+        case .idle(let timer) where connection.waiting.contains(where: { if case .idle(timer) = $0 { true } else { false } }):
+            return
+        case .timer(let timer) where connection.waiting.contains(where: { if case .timer(timer) = $0 { true } else { false } }):
+            return
+        default:
+            break
+        }
         connection.waiting.append(event)
         if case .message(let data, _) = event { connection.waitingBytes += data.readableBytes }
         if !connection.readingPaused,
@@ -725,18 +738,29 @@ public final class PluginHost {
         vm.unref(connection.ref)
     }
 
+    /// The server is stopping: every waiting hook is resumed with nil, "server stopping", and
+    /// so is every later wait, so that chains end, queues drain and on_close runs.
+    public func stop() {
+        stopping = true
+        for operation in suspensions.keys.sorted() { deliver(.resumed(operation, [.nil, .string("server stopping")])) }
+    }
+
     /// Starts what a hook waits for; its answer resumes the hook (`Event.resumed`).
     private func wait(_ suspension: Suspension, op: Int64, args: [LuaValue]) {
         nextOperation += 1
         let operation = nextOperation
         suspensions[operation] = suspension
+        guard !stopping else {
+            deliver(.resumed(operation, [.nil, .string("server stopping")]))
+            return
+        }
         guard let eventLoop else {
             deliver(.resumed(operation, [.nil, .string("waiting calls need an event loop")]))
             return
         }
         let loopBound = NIOLoopBound(self, eventLoop: eventLoop)
         suspension.timeout?.cancel()
-        suspension.timeout = eventLoop.scheduleTask(in: .nanoseconds(Int64(limits.hookTimeout * 1e9))) {
+        suspension.timeout = eventLoop.scheduleTask(in: .script(seconds: limits.hookTimeout)) {
             loopBound.value.deliver(.hookTimedOut(operation))
         }
         switch WaitOperation(rawValue: op) {
@@ -750,7 +774,7 @@ public final class PluginHost {
                 deliver(.resumed(operation, [.nil, .string("sleep: bad number of seconds")]))
                 return
             }
-            eventLoop.scheduleTask(in: .nanoseconds(Int64(seconds * 1e9))) {
+            eventLoop.scheduleTask(in: .script(seconds: seconds)) {
                 loopBound.value.deliver(.resumed(operation, [.bool(true)]))
             }
         case .http:
@@ -788,8 +812,65 @@ public final class PluginHost {
                     loopBound.value.deliver(.resumed(operation, [.nil, .string("\(error)")]))
                 }
             }
+        case .store:
+            guard let storeOperation = Self.storeOperation(args), let future = cluster?.storeRemote(storeOperation, on: eventLoop) else {
+                deliver(.resumed(operation, [.nil, .string("shared: bad arguments")]))
+                return
+            }
+            future.hop(to: eventLoop).whenComplete { result in
+                switch result {
+                case .success(let reply): loopBound.value.deliver(.resumed(operation, [.bytes(reply.packed)]))
+                case .failure(let error): loopBound.value.deliver(.resumed(operation, [.nil, .string("\(error)")]))
+                }
+            }
+        case .subscribe:
+            guard case .bytes(let name)? = args.first, let future = cluster?.acknowledged(channel: String(decoding: name, as: UTF8.self)) else {
+                deliver(.resumed(operation, [.bool(true)]))
+                return
+            }
+            future.hop(to: eventLoop).whenComplete { result in
+                switch result {
+                case .success: loopBound.value.deliver(.resumed(operation, [.bool(true)]))
+                case .failure(let error): loopBound.value.deliver(.resumed(operation, [.nil, .string("\(error)")]))
+                }
+            }
         case nil:
             deliver(.resumed(operation, [.nil, .string("unknown operation \(op)")]))
+        }
+    }
+
+    /// core.command(OP_STORE, op, key, a, b, ttl) or core.wait(WAIT_STORE, …): the prelude's
+    /// STORE_* numbers.
+    private static func storeOperation(_ args: [LuaValue]) -> StoreOperation? {
+        func text(_ i: Int) -> String? {
+            switch args.indices.contains(i) ? args[i] : .nil {
+            case .string(let s): s
+            case .bytes(let b): String(decoding: b, as: UTF8.self)
+            default: nil
+            }
+        }
+        func number(_ i: Int) -> Double? {
+            switch args.indices.contains(i) ? args[i] : .nil {
+            case .integer(let n): Double(n)
+            case .number(let n): n.isFinite ? n : nil
+            default: nil
+            }
+        }
+        guard case .integer(let op)? = args.first, let key = text(1) else { return nil }
+        switch op {
+        case 1: return .get(key)
+        case 2: return text(2).map { .set(key, $0, ttl: number(4)) }
+        case 3: return text(2).map { .add(key, $0, ttl: number(4)) }
+        case 4: return text(3).map { .cas(key, old: text(2), new: $0) }
+        case 5: return .incr(key, by: number(2) ?? 1)
+        case 6: return .delete(key)
+        case 7: return number(2).map { .expire(key, ttl: $0) }
+        case 8: return .keys(prefix: key)
+        case 9: return text(2).map { .sadd(key, $0) }
+        case 10: return text(2).map { .srem(key, $0) }
+        case 11: return .smembers(key)
+        case 12: return .scard(key)
+        default: return nil
         }
     }
 
@@ -799,6 +880,11 @@ public final class PluginHost {
               case .bytes(let headerBytes) = args[2], case .bytes(let body) = args[3]
         else { return nil }
         let method = String(decoding: methodBytes, as: UTF8.self), url = String(decoding: urlBytes, as: UTF8.self)
+        // The prelude checks these; checked again, since only core.wait's arguments reach here.
+        let lowered = url.lowercased()
+        guard ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"].contains(method),
+              lowered.hasPrefix("http://") || lowered.hasPrefix("https://")
+        else { return nil }
         let headerBlock = String(decoding: headerBytes, as: UTF8.self)
         let timeout: Double? = switch args[4] {
         case .number(let n): n
@@ -895,8 +981,11 @@ public final class PluginHost {
 
     private func unsubscribe(_ id: Int64, from channel: String) {
         connections[id]?.channels.remove(channel)
-        subscribers[channel]?.remove(id)
-        if subscribers[channel]?.isEmpty == true { subscribers[channel] = nil }
+        guard subscribers[channel]?.remove(id) != nil else { return }
+        if subscribers[channel]?.isEmpty == true {
+            subscribers[channel] = nil
+            cluster?.release(channel: channel)
+        }
     }
 
     private func startTimer(id timer: Int64, connection: Int64, seconds: Double, repeating: Bool, generation: Int) -> LuaValue {
@@ -915,7 +1004,7 @@ public final class PluginHost {
 
     private func schedule(_ timer: Int64, seconds: Double, repeating: Bool) -> Scheduled<Void>? {
         guard let eventLoop else { return nil }
-        let interval = TimeAmount.nanoseconds(Int64((seconds * 1e9).rounded()))
+        let interval = TimeAmount.script(seconds: seconds)
         let loopBound = NIOLoopBound(self, eventLoop: eventLoop)
         if repeating {
             let repeated = eventLoop.scheduleRepeatedTask(initialDelay: interval, delay: interval) { _ in loopBound.value.timerFired(timer) }
@@ -988,8 +1077,12 @@ extension PluginHost: LuaVMDelegate {
             return .nil
         case .subscribe:
             guard let id = integer(0), let channel = string(1), connections[id] != nil else { return .bool(false) }
-            connections[id]?.channels.insert(channel)
+            guard connections[id]?.channels.insert(channel).inserted == true else { return .bool(true) }
+            let first = subscribers[channel] == nil
             subscribers[channel, default: []].insert(id)
+            // The first subscriber of the loop takes a reference on the process's subscription;
+            // with --cluster, the first of the process waits for Redis to acknowledge it.
+            if first, cluster?.retain(channel: channel) == true { return .integer(1) }
             return .bool(true)
         case .unsubscribe:
             guard let id = integer(0), let channel = string(1) else { return .bool(false) }
@@ -997,41 +1090,28 @@ extension PluginHost: LuaVMDelegate {
             return .bool(true)
         case .publish:
             guard let channel = string(0), let text = string(1) else { return .nil }
-            return cluster?.publish(channel: channel, text: text).map { .error($0) } ?? .nil
+            return Self.reply(cluster?.publish(channel: channel, text: text))
         case .broadcast:
             guard let path = string(0), let text = string(1) else { return .nil }
-            return cluster?.broadcast(path: path, text: text).map { .error($0) } ?? .nil
-        case .sharedGet:
-            guard let key = string(0) else { return .nil }
-            switch cluster?.sharedGet(key) {
-            case .string(let s): return .string(s)
-            case .integer(let i): return .integer(i)
-            case .number(let n): return .number(n)
-            case .bool(let b): return .bool(b)
-            case nil: return .nil
-            }
-        case .sharedSet:
-            guard let key = string(0) else { return .nil }
-            let value: SharedValue? = switch args[safe: 1] {
-            case .string(let s): .string(s)
-            case .integer(let i): .integer(i)
-            case .number(let n): .number(n)
-            case .bool(let b): .bool(b)
-            default: nil
-            }
-            return cluster?.sharedSet(key, value).map { .error($0) } ?? .nil
-        case .sharedIncrement:
-            guard let key = string(0) else { return .nil }
-            let delta: SharedValue = integer(1).map { .integer($0) } ?? .number(number(1) ?? 1)
-            guard let cluster else { return .nil }
-            switch cluster.sharedIncrement(key, by: delta) {
-            case .success(.integer(let i)): return .integer(i)
-            case .success(.number(let n)): return .number(n)
-            case .failure(let error): return .error(error.message)
-            default: return .error("shared:incr: '\(key)' does not hold a number")
+            return Self.reply(cluster?.broadcast(path: path, text: text))
+        case .store:
+            guard let cluster else { return .error("the shared store is not available here") }
+            guard let operation = Self.storeOperation(args) else { return .error("shared: bad arguments") }
+            switch cluster.storeNow(operation, now: eventLoop?.now ?? .now()) {
+            case .success(let reply): return .bytes(reply.packed)
+            case .failure(let full): return .error(full.message)
             }
         case nil:
             return .error("unknown command \(op)")
+        }
+    }
+
+    /// publish and broadcast answer true, or nil and why (delivered here only), or raise.
+    private static func reply(_ outcome: ScriptCluster.PublishOutcome?) -> LuaValue {
+        switch outcome {
+        case .sent, nil: .bool(true)
+        case .unavailable(let why): .string(why)
+        case .refused(let why): .error(why)
         }
     }
 

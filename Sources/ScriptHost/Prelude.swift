@@ -29,8 +29,8 @@ collectgarbage("generational")
 local vars = {}
 
 -- Operations of core.command; ScriptHost's `Command` enum has the same numbers.
-local OP_TIMER_START, OP_TIMER_CANCEL, OP_SUBSCRIBE, OP_UNSUBSCRIBE, OP_PUBLISH, OP_BROADCAST,
-      OP_SHARED_GET, OP_SHARED_SET, OP_SHARED_INCR = 1, 2, 3, 4, 5, 6, 7, 8, 9
+local OP_TIMER_START, OP_TIMER_CANCEL, OP_SUBSCRIBE, OP_UNSUBSCRIBE, OP_PUBLISH, OP_BROADCAST, OP_STORE =
+      1, 2, 3, 4, 5, 6, 7
 local command = core.command
 
 -- Limits on what scripts may hold (README: sandbox and limits).
@@ -174,7 +174,7 @@ end
 ------------------------------------------------------------------------ waiting
 -- What a hook may wait for (core.wait's first argument); ScriptHost's WaitOperation has the
 -- same numbers.
-local WAIT_SLEEP, WAIT_HTTP, WAIT_REDIS = 1, 2, 3
+local WAIT_SLEEP, WAIT_HTTP, WAIT_REDIS, WAIT_STORE, WAIT_SUBSCRIBE = 1, 2, 3, 4, 5
 local wait = core.wait
 local unpack_bytes, pack_bytes = string.unpack, string.pack
 
@@ -274,11 +274,15 @@ end
 
 ------------------------------------------------------------------------ channels, broadcast
 --- Sends `text` to every connection subscribed to `channel`, on every event loop.
+--- Returns true, or nil and why when it reached this process's subscribers only (--cluster
+--- with Redis down).
 function base.publish(channel, text)
   if type(channel) ~= "string" then fail("publish: channel must be a string") end
   text = tostring(text)
   if not utf8_valid(text) then fail("publish: text is not valid UTF-8") end
-  command(OP_PUBLISH, channel, text)
+  local sent = command(OP_PUBLISH, channel, text)
+  if sent == true then return true end
+  return nil, sent
 end
 
 --- Sends `text` to every connection whose path is `path`, on every event loop.
@@ -286,32 +290,106 @@ function base.broadcast(path, text)
   if type(path) ~= "string" then fail("broadcast: path must be a string") end
   text = tostring(text)
   if not utf8_valid(text) then fail("broadcast: text is not valid UTF-8") end
-  command(OP_BROADCAST, path, text)
+  local sent = command(OP_BROADCAST, path, text)
+  if sent == true then return true end
+  return nil, sent
 end
 
 ------------------------------------------------------------------------ shared store
--- One store for the whole process (every Lua state sees it); values are strings, numbers, booleans.
+-- One store for the whole process (or, with --cluster, for every process on the same Redis).
+-- Keys and values are strings (numbers are stored in their string form); a key holds a string
+-- or a set. Every operation is atomic. In-process the calls return at once; over Redis they
+-- wait (so, there, only where a hook may wait). Failures are nil, err; bad arguments raise.
+local STORE_GET, STORE_SET, STORE_ADD, STORE_CAS, STORE_INCR, STORE_DELETE, STORE_EXPIRE, STORE_KEYS,
+      STORE_SADD, STORE_SREM, STORE_SMEMBERS, STORE_SCARD = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12
+local store_waits = false
+
 local shared = {}
-local function check_key(key)
-  if type(key) ~= "string" then fail("shared: key must be a string") end
+local function check_key(key, what)
+  if type(key) ~= "string" then fail("shared:" .. what .. ": key must be a string (got " .. type(key) .. ")") end
 end
-function shared:get(key) check_key(key) return command(OP_SHARED_GET, key) end
-function shared:set(key, value)
-  check_key(key)
-  local t = type(value)
-  if t ~= "string" and t ~= "number" and t ~= "boolean" and t ~= "nil" then
-    fail("shared:set: values are strings, numbers or booleans (nil deletes)")
+local function store_value(v, what)
+  local t = type(v)
+  if t == "string" then return v end
+  if t == "number" then
+    if v ~= v or v == math.huge or v == -math.huge then fail("shared:" .. what .. ": cannot store " .. tostring(v)) end
+    return tostring(v)
   end
-  command(OP_SHARED_SET, key, value)
+  fail("shared:" .. what .. ": values are strings or numbers (got " .. t .. ")")
 end
-function shared:delete(key) check_key(key) command(OP_SHARED_SET, key, nil) end
+local function check_ttl(ttl, what)
+  if ttl ~= nil and (type(ttl) ~= "number" or ttl ~= ttl or ttl <= 0 or ttl > MAX_INTERVAL) then
+    fail("shared:" .. what .. ": ttl must be a number of seconds from 0.001 to 1e9 (got " .. tostring(ttl) .. ")")
+  end
+end
+local function store(op, key, a, b, ttl)
+  local packed, err
+  if store_waits then packed, err = wait(WAIT_STORE, op, key, a, b, ttl)
+  else packed, err = command(OP_STORE, op, key, a, b, ttl) end
+  if packed == nil then return nil, err end
+  local v = unpack_reply(packed, 1)
+  if type(v) == "table" and v.err then return nil, v.err end
+  return v
+end
+local function boolean(v, err) if v == nil then return nil, err end return v == 1 end
+
+--- The value of `key` (a string), or nil.
+function shared:get(key)
+  check_key(key, "get")
+  local v, err = store(STORE_GET, key)
+  if v == core.null then return nil end
+  return v, err
+end
+--- Stores `value` (nil deletes), for `ttl` seconds if given. True, or nil and why.
+function shared:set(key, value, ttl)
+  check_key(key, "set")
+  if value == nil then return self:delete(key) end
+  check_ttl(ttl, "set")
+  local v, err = store(STORE_SET, key, store_value(value, "set"), nil, ttl)
+  if v == nil then return nil, err end
+  return true
+end
+--- Stores `value` only if `key` is absent: true if it did, false if the key exists.
+function shared:add(key, value, ttl)
+  check_key(key, "add")
+  check_ttl(ttl, "add")
+  return boolean(store(STORE_ADD, key, store_value(value, "add"), nil, ttl))
+end
+--- Compare-and-set: stores `new` only if the value is `old` (nil: absent). True if it did.
+function shared:cas(key, old, new)
+  check_key(key, "cas")
+  if old ~= nil then old = store_value(old, "cas") end
+  return boolean(store(STORE_CAS, key, old, store_value(new, "cas")))
+end
 --- Adds `by` (default 1) to a number (missing counts as 0), atomically; returns the new value.
 function shared:incr(key, by)
-  check_key(key)
+  check_key(key, "incr")
   by = by or 1
-  if type(by) ~= "number" then fail("shared:incr: increment must be a number") end
-  return command(OP_SHARED_INCR, key, by)
+  if type(by) ~= "number" or by ~= by or by == math.huge or by == -math.huge then fail("shared:incr: increment must be a number") end
+  local v, err = store(STORE_INCR, key, by)
+  if v == nil then return nil, err end
+  return math.tointeger(tonumber(v)) or tonumber(v)
 end
+--- Removes `key`: true if it existed.
+function shared:delete(key) check_key(key, "delete") return boolean(store(STORE_DELETE, key)) end
+--- Makes `key` expire in `ttl` seconds: true if it exists.
+function shared:expire(key, ttl)
+  check_key(key, "expire")
+  if ttl == nil then fail("shared:expire: ttl is needed") end
+  check_ttl(ttl, "expire")
+  return boolean(store(STORE_EXPIRE, key, ttl))
+end
+--- The keys that start with `prefix` (every key: ""), sorted in-process, in no order over Redis.
+function shared:keys(prefix)
+  prefix = prefix or ""
+  check_key(prefix, "keys")
+  return store(STORE_KEYS, prefix)
+end
+--- Sets of strings (presence lists, say): add, remove, list, count.
+function shared:sadd(key, member) check_key(key, "sadd") return boolean(store(STORE_SADD, key, store_value(member, "sadd"))) end
+function shared:srem(key, member) check_key(key, "srem") return boolean(store(STORE_SREM, key, store_value(member, "srem"))) end
+function shared:smembers(key) check_key(key, "smembers") return store(STORE_SMEMBERS, key) end
+function shared:scard(key) check_key(key, "scard") return store(STORE_SCARD, key) end
 base.shared = readonly(shared, "luaws.shared")
 
 ------------------------------------------------------------------------ json
@@ -359,9 +437,13 @@ local conn_owner = { name = "conn", count = 0, set = { generation = 0 } }
 function conn_methods:after(seconds, fn) return start_timer(conn_owner, self, seconds, fn, false) end
 function conn_methods:every(seconds, fn) return start_timer(conn_owner, self, seconds, fn, true) end
 
+--- True once subscribed (with --cluster, once Redis acknowledged it: the call waits); nil and
+--- why if Redis is down (then subscribed here, and across processes when Redis is back).
 function conn_methods:subscribe(channel)
   if type(channel) ~= "string" then fail("subscribe: channel must be a string") end
-  return command(OP_SUBSCRIBE, conn_id(self), channel)
+  local r = command(OP_SUBSCRIBE, conn_id(self), channel)
+  if r == 1 then return wait(WAIT_SUBSCRIBE, channel) end
+  return r
 end
 
 function conn_methods:unsubscribe(channel)
@@ -554,7 +636,8 @@ local function load_plugin(set, owner, chunkname, src)
     elseif k == "routes" then
       if type(v) ~= "table" then error(where .. "routes must be a table of [\"METHOD /path\"] = function(req)", 0) end
       for key, fn in pairs(v) do
-        local method, path = type(key) == "string" and key:match("^(%u+) (/[^?#%s]*)$")
+        local method, path
+        if type(key) == "string" then method, path = key:match("^(%u+) (/[^?#%s]*)$") end
         if not method or not HTTP_METHODS[method] then
           error(where .. "route " .. tostring(key) .. ": keys are \"METHOD /path\" (GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS)", 0)
         end
@@ -652,6 +735,7 @@ end
 function api.route_response(req) return rawget(req, "_response") end
 
 function api.set_var(name, value) vars[name] = value end
+function api.set_store_waits(waits) store_waits = waits end
 
 -- Every sub-protocol the set's plugins declare, in order, as one comma-separated string.
 function api.protocols(set)

@@ -3,14 +3,6 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 
-/// A value in the shared store: what `luaws.shared` holds.
-public enum SharedValue: Sendable, Equatable {
-    case string(String)
-    case integer(Int64)
-    case number(Double)
-    case bool(Bool)
-}
-
 /// What the last reload did, for logs and `/luaws/status`.
 public struct ReloadStatus: Sendable {
     /// Goes up by one with every plugin set that loads.
@@ -35,6 +27,12 @@ public final class ScriptCluster: Sendable {
     public let limits: ScriptLimits
     /// HTTP, Redis: what hooks may wait for.
     public let services: ScriptServices?
+    /// With `--cluster`: publish, broadcast and subscriptions across processes, and the store
+    /// over Redis.
+    public let bus: MessageBus?
+    public let remoteStore: RemoteStore?
+    /// Channels the process's loops subscribe to, with how many loops do.
+    private let channelRefs = NIOLockedValueBox<[String: (loops: Int, acknowledged: EventLoopFuture<Void>?)]>([:])
     private let logger: Logger
     private let members = NIOLockedValueBox<[Member]>([])
     private let store = NIOLockedValueBox(SharedStore())
@@ -45,8 +43,13 @@ public final class ScriptCluster: Sendable {
     /// Paths plugin routes may not take.
     public let reservedPaths: [String]
 
-    public init(plugins: PluginSet, vars: [String: String] = [:], limits: ScriptLimits = .init(), logger: Logger, services: ScriptServices? = nil, reservedPaths: [String] = []) {
+    public init(
+        plugins: PluginSet, vars: [String: String] = [:], limits: ScriptLimits = .init(), logger: Logger, services: ScriptServices? = nil,
+        reservedPaths: [String] = [], bus: MessageBus? = nil, remoteStore: RemoteStore? = nil
+    ) {
         self.services = services
+        self.bus = bus
+        self.remoteStore = remoteStore
         self.reservedPaths = reservedPaths
         self.vars = vars
         self.limits = limits
@@ -55,7 +58,15 @@ public final class ScriptCluster: Sendable {
         status.version = 1
         status.plugins = plugins.plugins.map(\.name)
         self.state = NIOLockedValueBox((plugins, status))
+        // Messages from the other processes reach this process's loops like local ones (but
+        // are not sent on again).
+        bus?.start(
+            onMessage: { [weak self] channel, text in _ = self?.fanOut(text, remote: false) { $0.deliver(channel: channel, message: $1) } },
+            onBroadcast: { [weak self] path, text in _ = self?.fanOut(text, remote: false) { $0.deliver(path: path, message: $1) } })
     }
+
+    /// The store is over Redis: its calls wait.
+    public var storeWaits: Bool { remoteStore != nil }
 
     /// Makes the plugin host of `eventLoop`, on that loop, with the current plugin set;
     /// `clock` as for `PluginHost.init` (nil: the system clock).
@@ -122,6 +133,12 @@ public final class ScriptCluster: Sendable {
         }
     }
 
+    /// The plugin routes that serve ("METHOD /path"), as the first loop has them.
+    public func routes() async -> [String] {
+        guard let first = members.withLockedValue({ $0.first }) else { return [] }
+        return (try? await first.eventLoop.submit { first.host.value.routeKeys }.get()) ?? []
+    }
+
     /// Per-loop figures: connections, script errors, Lua memory.
     public func loopFigures() async -> [(connections: Int, scriptErrors: Int, luaMemory: Int)] {
         var figures: [(Int, Int, Int)] = []
@@ -141,16 +158,63 @@ public final class ScriptCluster: Sendable {
     /// Sends `text` to `channel`'s subscribers on every loop; an error message if too much is
     /// already waiting to be delivered (a hook that publishes in a loop must not make the
     /// process hold gigabytes: each loop gets its copy only after the hook returns).
-    func publish(channel: String, text: String) -> String? {
-        fanOut(text) { host, message in host.deliver(channel: channel, message: message) }
+    /// With `--cluster`, it also goes to the other processes; if Redis is down it is delivered
+    /// here only, and the answer says so (`unavailable`).
+    func publish(channel: String, text: String) -> PublishOutcome {
+        if let error = fanOut(text, remote: false, { host, message in host.deliver(channel: channel, message: message) }) { return .refused(error) }
+        return bus.map { $0.publish(channel: channel, text: text).map { .unavailable($0) } ?? .sent } ?? .sent
     }
 
-    /// Sends `text` to the connections on `path` on every loop; errors as `publish`.
-    func broadcast(path: String, text: String) -> String? {
-        fanOut(text) { host, message in host.deliver(path: path, message: message) }
+    /// Sends `text` to the connections on `path` on every loop (and process); as `publish`.
+    func broadcast(path: String, text: String) -> PublishOutcome {
+        if let error = fanOut(text, remote: false, { host, message in host.deliver(path: path, message: message) }) { return .refused(error) }
+        return bus.map { $0.broadcast(path: path, text: text).map { .unavailable($0) } ?? .sent } ?? .sent
     }
 
-    private func fanOut(_ text: String, _ deliver: @escaping @Sendable (PluginHost, ByteBuffer) -> Void) -> String? {
+    enum PublishOutcome {
+        case sent
+        /// Delivered in this process only: the link to the others is down.
+        case unavailable(String)
+        /// Too much waiting for delivery: nothing was sent (a Lua error in the script).
+        case refused(String)
+    }
+
+    // MARK: subscriptions across processes
+
+    /// A loop has its first subscriber of `channel`. True if the caller should wait for
+    /// `acknowledged(channel:)` (the process's first, with a bus).
+    func retain(channel: String) -> Bool {
+        guard let bus else { return false }
+        return channelRefs.withLockedValue { refs in
+            if var entry = refs[channel] {
+                entry.loops += 1
+                refs[channel] = entry
+                return entry.acknowledged != nil
+            }
+            refs[channel] = (1, bus.subscribe(channel))
+            return true
+        }
+    }
+
+    /// A loop has no subscriber of `channel` any more.
+    func release(channel: String) {
+        guard let bus else { return }
+        let last = channelRefs.withLockedValue { refs -> Bool in
+            guard var entry = refs[channel] else { return false }
+            entry.loops -= 1
+            if entry.loops > 0 { refs[channel] = entry; return false }
+            refs[channel] = nil
+            return true
+        }
+        if last { bus.unsubscribe(channel) }
+    }
+
+    /// Completes when Redis has acknowledged the process's subscription to `channel`.
+    func acknowledged(channel: String) -> EventLoopFuture<Void>? {
+        channelRefs.withLockedValue { $0[channel]?.acknowledged }
+    }
+
+    private func fanOut(_ text: String, remote: Bool, _ deliver: @escaping @Sendable (PluginHost, ByteBuffer) -> Void) -> String? {
         let all = members.withLockedValue { $0 }
         guard !all.isEmpty else { return nil }
         let size = text.utf8.count
@@ -182,31 +246,16 @@ public final class ScriptCluster: Sendable {
 
     // MARK: shared store
 
-    func sharedGet(_ key: String) -> SharedValue? {
-        store.withLockedValue { $0.values[key] }
-    }
-
-    /// Stores (or with nil deletes) a value; an error message when it does not fit.
-    func sharedSet(_ key: String, _ value: SharedValue?) -> String? {
-        store.withLockedValue { $0.set(key, value, limits: limits) }
-    }
-
-    /// Adds atomically; `.success(nil)` if the key holds something that is not a number.
-    func sharedIncrement(_ key: String, by delta: SharedValue) -> Result<SharedValue?, SharedStore.Full> {
+    /// Runs a store operation in-process, at once (without `--cluster`). `now` is the calling
+    /// loop's clock, for expiry: the system's when serving, virtual under `luaws test`.
+    func storeNow(_ operation: StoreOperation, now: NIODeadline) -> Result<ScriptRedisReply, SharedStore.Full> {
         store.withLockedValue { store in
-            let result: SharedValue?
-            switch (store.values[key] ?? .integer(0), delta) {
-            case (.integer(let a), .integer(let b)):
-                let (sum, overflow) = a.addingReportingOverflow(b)
-                result = overflow ? .number(Double(a) + Double(b)) : .integer(sum)
-            case (.integer(let a), .number(let b)): result = .number(Double(a) + b)
-            case (.number(let a), .integer(let b)): result = .number(a + Double(b))
-            case (.number(let a), .number(let b)): result = .number(a + b)
-            default: result = nil
-            }
-            guard let result else { return .success(nil) }
-            if let message = store.set(key, result, limits: limits) { return .failure(SharedStore.Full(message: message)) }
-            return .success(result)
+            do throws(SharedStore.Full) { return .success(try store.perform(operation, limits: limits, now: now)) } catch { return .failure(error) }
         }
+    }
+
+    /// Runs a store operation over Redis (with `--cluster`).
+    func storeRemote(_ operation: StoreOperation, on eventLoop: EventLoop) -> EventLoopFuture<ScriptRedisReply>? {
+        remoteStore?.perform(operation, on: eventLoop)
     }
 }

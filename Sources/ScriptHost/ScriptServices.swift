@@ -34,7 +34,7 @@ public struct ScriptHTTPResponse: Sendable {
 }
 
 /// A Redis reply as hooks see it (RESP2).
-public indirect enum ScriptRedisReply: Sendable {
+public indirect enum ScriptRedisReply: Sendable, Equatable {
     case string([UInt8])
     case status(String)
     case integer(Int64)

@@ -29,6 +29,9 @@ public protocol WebSocketApplication: AnyObject {
     func hasRoute(method: String, path: String) -> Bool
     /// Answers a plain HTTP request for which `hasRoute` said yes.
     func route(_ request: RoutedRequest, on eventLoop: EventLoop) -> EventLoopFuture<RoutedResponse>
+    /// The server is shutting down: called on each loop just before its connections are
+    /// closed, so that the application can end what it waits for.
+    func stopping()
 }
 
 extension WebSocketApplication {
@@ -37,6 +40,7 @@ extension WebSocketApplication {
         eventLoop.makeSucceededFuture(.accept(context: nil))
     }
     public func hasRoute(method: String, path: String) -> Bool { false }
+    public func stopping() {}
     public func route(_ request: RoutedRequest, on eventLoop: EventLoop) -> EventLoopFuture<RoutedResponse> {
         eventLoop.makeSucceededFuture(RoutedResponse(status: 404, headers: [], body: ByteBuffer(string: "Not found\n")))
     }

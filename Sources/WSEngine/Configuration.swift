@@ -57,6 +57,8 @@ public struct ServerConfiguration: Sendable {
     /// Proxies whose `X-Forwarded-For` is believed when they connect (`--trust-proxy`): the
     /// client's address is then the rightmost entry outside these ranges.
     public var trustedProxies: [IPRange] = []
+    /// SO_REUSEPORT on the listening socket, so that several processes can share the port.
+    public var reusePort = false
     /// Largest request body a plain HTTP request to an application route may have (413 past it).
     public var maxBodySize = 1 << 20
 

@@ -46,6 +46,9 @@ final class LoopState {
     func closeAll(code: UInt16, reason: String, grace: TimeAmount) -> EventLoopFuture<Void> {
         sweep?.cancel()
         sweep = nil
+        // First, so that work the application is waiting for ends now and what queued behind
+        // it (the connections' closes) runs before the loop stops.
+        application.stopping()
         let closed = connections.values.map { handler in
             let closed = handler.closeFuture
             if !handler.connection.close(code: code, reason: reason) { handler.closeNow() }

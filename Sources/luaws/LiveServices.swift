@@ -21,22 +21,36 @@ final class LiveServices: ScriptServices {
 
     private let settings: Settings
     private let logger: Logger
-    /// Redirects are off unless a request asks (`redirects = true`): then up to 5, no cycles.
-    private let client: HTTPClient
-    private let followingClient: HTTPClient
+    /// Made on first use (an AsyncHTTPClient must be shut down before it goes, so one that was
+    /// never needed is never made). Redirects are off unless a request asks (`redirects =
+    /// true`): then up to 5, no cycles.
+    private let clients = NIOLockedValueBox<(plain: HTTPClient, following: HTTPClient)?>(nil)
     private let redisConnections = NIOLockedValueBox<[ObjectIdentifier: RedisConnection]>([:])
 
     init(settings: Settings, logger: Logger) {
         self.settings = settings
         self.logger = logger
-        var plain = HTTPClient.Configuration(redirectConfiguration: .disallow)
-        // AsyncHTTPClient retries a refused connection until the connect timeout: keep it short,
-        // so that a backend that is down fails the hook in seconds, not at its whole timeout.
-        plain.timeout = .init(connect: TimeAmount.seconds(2 as Int64))
-        client = HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup, configuration: plain)
-        var following = plain
-        following.redirectConfiguration = .follow(max: 5, allowCycles: false)
-        followingClient = HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup, configuration: following)
+    }
+
+    private func client(following: Bool) -> HTTPClient {
+        clients.withLockedValue { clients in
+            if let clients { return following ? clients.following : clients.plain }
+            var plain = HTTPClient.Configuration(redirectConfiguration: .disallow)
+            // AsyncHTTPClient retries a refused connection until the connect timeout: keep it
+            // short, so that a backend that is down fails the hook in seconds, not at its timeout.
+            plain.timeout = .init(connect: TimeAmount.seconds(2 as Int64))
+            // Hooks of many connections may call one backend at once: AsyncHTTPClient's default
+            // of 8 connections per host would queue the rest, and the queue's wait is bounded by
+            // the connect timeout, not the script's.
+            plain.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: 256)
+            var followingConfiguration = plain
+            followingConfiguration.redirectConfiguration = .follow(max: 5, allowCycles: false)
+            let made = (
+                plain: HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup, configuration: plain),
+                following: HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup, configuration: followingConfiguration))
+            clients = made
+            return following ? made.following : made.plain
+        }
     }
 
     func http(_ request: ScriptHTTPRequest, on eventLoop: EventLoop) -> EventLoopFuture<ScriptHTTPResponse> {
@@ -52,7 +66,7 @@ final class LiveServices: ScriptServices {
         let timeout = request.timeout.flatMap { TimeAmount(seconds: $0) } ?? settings.httpTimeout
         let limit = settings.maxResponseBytes
         let delegate = ResponseAccumulator(request: clientRequest, maxBodySize: limit)
-        let task = (request.followRedirects ? followingClient : client).execute(
+        let task = client(following: request.followRedirects).execute(
             request: clientRequest, delegate: delegate, eventLoop: .indifferent, deadline: .now() + timeout)
         // The client's own event loops do the I/O (AsyncHTTPClient wants a loop of its group);
         // the answer hops to the hook's loop.
@@ -72,6 +86,7 @@ final class LiveServices: ScriptServices {
         if let error = error as? HTTPClientError {
             if [.deadlineExceeded, .readTimeout, .writeTimeout].contains(error) { return "timeout" }
             if error == .connectTimeout { return "connect timeout" }
+            if error == .getConnectionFromPoolTimeout { return "timeout waiting for a connection to the host" }
             if error == .remoteConnectionClosed { return "connection closed by the server" }
             if error == .redirectLimitReached || error == .redirectCycleDetected { return "too many redirects" }
             return "\(error)"
@@ -114,8 +129,10 @@ final class LiveServices: ScriptServices {
     }
 
     func shutdown() async {
-        try? await client.shutdown()
-        try? await followingClient.shutdown()
+        if let made = clients.withLockedValue({ $0 }) {
+            try? await made.plain.shutdown()
+            try? await made.following.shutdown()
+        }
         let connections = redisConnections.withLockedValue { $0.values }
         for connection in connections { try? await connection.close().get() }
     }

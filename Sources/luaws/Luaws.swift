@@ -107,6 +107,18 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Redis for luaws.redis: redis://[:PASSWORD@]HOST:PORT[/DB] (the password is never logged).")
     var redis: String?
 
+    @Flag(help: "Spread publish, broadcast, subscriptions and luaws.shared over Redis (needs --redis): every luaws process on the same Redis is one server.")
+    var cluster = false
+
+    @Option(help: "Prefix of every Redis key and channel luaws uses with --cluster.")
+    var redisPrefix = "luaws:"
+
+    @Flag(help: "With --redis: refuse to start while Redis cannot be reached (by default luaws starts and keeps retrying).")
+    var redisRequired = false
+
+    @Flag(help: "Set SO_REUSEPORT, so that several luaws processes can share one port.")
+    var reusePort = false
+
     @Option(name: .customLong("trust-proxy"), help: "A proxy (IP or CIDR) whose X-Forwarded-For is believed for conn.remote_addr (repeatable).")
     var trustedProxies: [String] = []
 
@@ -181,6 +193,8 @@ struct Serve: AsyncParsableCommand {
         if let redis {
             do { _ = try RedisURL(redis) } catch { throw ValidationError("--redis: \(error)") }
         }
+        if cluster && redis == nil { throw ValidationError("--cluster needs --redis redis://HOST:PORT") }
+        if redisRequired && redis == nil { throw ValidationError("--redis-required needs --redis") }
         for path in webSocketPaths where !path.hasPrefix("/") {
             throw ValidationError("--ws-path must start with /, got '\(path)'")
         }
@@ -238,6 +252,7 @@ struct Serve: AsyncParsableCommand {
         configuration.slowConsumerPolicy = slowConsumer
         configuration.trustedProxies = trustedProxies.compactMap(IPRange.init)
         configuration.maxBodySize = maxBodySize
+        configuration.reusePort = reusePort
         if let threads { configuration.eventLoops = threads }
         var isDirectory: ObjCBool = false
         if FileManager.default.fileExists(atPath: publicDirectory, isDirectory: &isDirectory), isDirectory.boolValue {
@@ -247,12 +262,33 @@ struct Serve: AsyncParsableCommand {
         }
 
         let statusPath = "/luaws/status"
+        var bus: RedisBus?
+        var remoteStore: RedisStore?
+        if let url = serviceSettings.redis {
+            if cluster {
+                bus = RedisBus(url: url, prefix: redisPrefix, webSocketPaths: webSocketPaths, logger: logger)
+                remoteStore = RedisStore(services: services, prefix: redisPrefix)
+            }
+            if redisRequired {
+                let probe = bus ?? RedisBus(url: url, prefix: redisPrefix, webSocketPaths: [], logger: logger)
+                let linked = await probe.waitForLink(timeout: .seconds(5))
+                if bus == nil { await probe.shutdown() }
+                if !linked {
+                    logger.critical("Redis at \(url) cannot be reached (--redis-required)")
+                    await bus?.shutdown()
+                    await services.shutdown()
+                    throw ExitCode(1)
+                }
+            }
+        }
+        let linkedBus = bus
         let cluster = ScriptCluster(
             plugins: plugins, vars: pluginVars, limits: limits, logger: logger, services: services,
-            reservedPaths: webSocketPaths + [statusPath])
+            reservedPaths: webSocketPaths + [statusPath], bus: linkedBus, remoteStore: remoteStore)
+
         let scriptsFolder = scripts
         configuration.routes[statusPath] = { eventLoop in
-            eventLoop.makeFutureWithTask { await StatusPage.json(cluster, scripts: scriptsFolder) }
+            eventLoop.makeFutureWithTask { await StatusPage.json(cluster, scripts: scriptsFolder, bus: linkedBus) }
         }
 
         let server: WebSocketServer
@@ -265,6 +301,7 @@ struct Serve: AsyncParsableCommand {
             }
         } catch let error as PluginLoadError {
             logger.critical("scripts did not load: \(error.message)")
+            await services.shutdown()
             throw ExitCode(1)
         }
         let names = plugins.plugins.map(\.name).joined(separator: ", ")
@@ -297,6 +334,7 @@ struct Serve: AsyncParsableCommand {
             Foundation.exit(1)
         }
         // Redis and HTTP first: their reconnects must not schedule on loops that have stopped.
+        await linkedBus?.shutdown()
         await services.shutdown()
         await server.shutdown(code: 1001, grace: .option(min(2, timeout)))
     }

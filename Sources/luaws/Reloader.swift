@@ -62,10 +62,14 @@ final class Reloader: Sendable {
         #if os(Linux)
         var isDirectory: ObjCBool = false
         _ = FileManager.default.fileExists(atPath: scripts, isDirectory: &isDirectory)
-        let parent = (scripts as NSString).deletingLastPathComponent
+        // Split by hand: Foundation's NSString path methods trap on some short paths on Linux
+        // (`--scripts s` crashed in deletingLastPathComponent).
+        let slash = scripts.lastIndex(of: "/")
+        let parent = slash.map { String(scripts[..<$0]) }.map { $0.isEmpty ? "/" : $0 } ?? "."
+        let fileName = slash.map { String(scripts[scripts.index(after: $0)...]) } ?? scripts
         let watcher = isDirectory.boolValue
             ? ScriptsWatcher(root: scripts, onlyFile: nil, logger: logger) { [self] in request($0) }
-            : ScriptsWatcher(root: parent.isEmpty ? "." : parent, onlyFile: (scripts as NSString).lastPathComponent, logger: logger) { [self] in request($0) }
+            : ScriptsWatcher(root: parent, onlyFile: fileName, logger: logger) { [self] in request($0) }
         guard let watcher else { return }
         let thread = Thread { watcher.run() }
         thread.name = "luaws.inotify"

@@ -12,6 +12,14 @@ enum StatusPage {
         }
         var version: Int
         var plugins: [String]
+        var routes: [String]
+        struct Redis: Encodable {
+            var link: String
+            var messages_lost: Int
+            var messages_unsent: Int
+        }
+        /// With --cluster: the link to Redis and what an outage cost.
+        var redis: Redis?
         var last_reload: Reload
         var connections: Int
         var script_errors: Int
@@ -21,12 +29,14 @@ enum StatusPage {
 
     /// `scripts` (the scripts folder) is taken out of paths: the page shows where things are
     /// relative to it, and only the first line of an error (a full message may carry data).
-    static func json(_ cluster: ScriptCluster, scripts: String) async -> HTTPRouteResponse {
+    static func json(_ cluster: ScriptCluster, scripts: String, bus: RedisBus?) async -> HTTPRouteResponse {
         let status = cluster.status
         let loops = await cluster.loopFigures()
         let body = Body(
             version: status.version,
             plugins: status.plugins,
+            routes: await cluster.routes(),
+            redis: bus.map { Body.Redis(link: $0.linkState, messages_lost: $0.lostMessages, messages_unsent: $0.unsentMessages) },
             last_reload: .init(ok: status.lastReloadOK, at: status.lastReloadAt.map { ISO8601DateFormatter().string(from: $0) }, error: status.lastError.map { shortError($0, scripts: scripts) }),
             connections: loops.reduce(0) { $0 + $1.connections },
             script_errors: loops.reduce(0) { $0 + $1.scriptErrors },

@@ -73,6 +73,26 @@ final class GuaranteesTests: XCTestCase {
         XCTAssertEqual(host.errorCount, 2)
     }
 
+    func testTheStoreRefusesValuesOfOtherTypesAtTheCallersLine() throws {
+        let log = CapturedLog()
+        let cluster = ScriptCluster(plugins: set(["p": """
+            return { on_message = function(conn, msg)
+              if msg == "bool" then luaws.shared:set("k", true)
+              elseif msg == "table" then luaws.shared:sadd("k", {})
+              elseif msg == "ttl" then luaws.shared:set("k", "v", -1)
+              else luaws.shared:set("n", 3) conn:send(luaws.shared:get("n") .. " " .. math.type(luaws.shared:incr("n"))) end
+            end }
+            """]), logger: log.logger)
+        let host = try cluster.makeHost(on: EmbeddedEventLoop())
+        let conn = RecordingConnection()
+        host.open(conn, id: 1, request: request)
+        for msg in ["bool", "table", "ttl", "ok"] { host.message(id: 1, data: text(msg), binary: false) }
+        XCTAssertTrue(log.text.contains("scripts/p.lua:2: shared:set: values are strings or numbers (got boolean)"), log.text)
+        XCTAssertTrue(log.text.contains("scripts/p.lua:3: shared:sadd: values are strings or numbers (got table)"), log.text)
+        XCTAssertTrue(log.text.contains("scripts/p.lua:4: shared:set: ttl must be a number of seconds"), log.text)
+        XCTAssertEqual(conn.texts, ["3 integer"])
+    }
+
     func testPublishFanOutIsBounded() throws {
         let log = CapturedLog()
         let cluster = ScriptCluster(plugins: set(["p": """

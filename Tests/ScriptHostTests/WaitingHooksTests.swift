@@ -166,6 +166,22 @@ final class WaitingHooksTests: XCTestCase {
         XCTAssertEqual(conn.texts.count, 11)
     }
 
+    func testTimersThatFireWhileAHookWaitsAreNotPiledUp() throws {
+        let loop = EmbeddedEventLoop()
+        let host = try host(["p": """
+            return { on_open = function(conn)
+              conn:every(0.1, function(c) c:send("tick") end)
+            end, on_message = function(conn, msg) luaws.sleep(1) conn:send("slept") end }
+            """], loop: loop)
+        let conn = RecordingConnection()
+        host.open(conn, id: 1, request: request)
+        host.message(id: 1, data: text("x"), binary: false)
+        loop.advanceTime(by: .milliseconds(1050))
+        // ten firings during the wait: one queued tick (and the one due as the wait ends)
+        XCTAssertEqual(conn.texts.first, "slept")
+        XCTAssertLessThanOrEqual(conn.texts.filter { $0 == "tick" }.count, 2)
+    }
+
     func testTimerCallbacksCanWaitToo() throws {
         let loop = EmbeddedEventLoop()
         let host = try host(["p": """
