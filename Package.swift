@@ -78,8 +78,8 @@ let package = Package(
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ]
         ),
-        // Drives the engine's pipeline on an EmbeddedChannel: for the unit tests and the fuzzer,
-        // never part of the luaws product (it keeps NIOEmbedded out of the server).
+        // Drives the engine's pipeline on an EmbeddedChannel: for the unit tests, the fuzzer and
+        // `luaws test` (LuaWSTest); the server itself never runs on it.
         .target(
             name: "WSEngineTesting",
             dependencies: [
@@ -99,11 +99,27 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
             ]
         ),
+        // `luaws test`: plugin tests on the real host and engine (EmbeddedServerLoop), on a
+        // virtual clock, with stubbed HTTP and an in-process Redis.
+        .target(
+            name: "LuaWSTest",
+            dependencies: [
+                "LuaWSApp",
+                "ScriptHost",
+                "WSEngine",
+                "WSEngineTesting",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         .executableTarget(
             name: "luaws",
             dependencies: [
                 "LuaWSApp",
                 "LuaWSMetrics",
+                "LuaWSTest",
                 "ScriptHost",
                 "WSEngine",
                 "RedisClient",

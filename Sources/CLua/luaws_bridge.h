@@ -85,6 +85,10 @@ typedef struct luaws_host {
     void (*log)(void *swift, int level, const char *msg, size_t len);
     /* Everything else scripts ask of Swift: see luaws_core_command. */
     void (*command)(void *swift, int op, const struct luaws_arg *args, int nargs, struct luaws_reply *reply);
+    /* The time scripts see (luaws.now, luaws.utcnow_iso, os.time, os.date), in nanoseconds
+     * since the Unix epoch; NULL reads the system clock. `luaws test` sets it to follow its
+     * virtual clock. */
+    int64_t (*clock_ns)(void *swift);
 } luaws_host;
 
 /* ---------- memory ---------- */
@@ -369,10 +373,25 @@ static int luaws_core_log(lua_State *L) {
     return 0;
 }
 
+/* The time scripts see: the host's clock if it has one, else the system's. */
+static void luaws_now(lua_State *L, struct timespec *ts) {
+    luaws_host *h = luaws_host_of(L);
+    if (h->clock_ns == NULL) {
+        clock_gettime(CLOCK_REALTIME, ts);
+        return;
+    }
+    int64_t ns = h->clock_ns(h->swift);
+    int64_t sec = ns / 1000000000;
+    int64_t rem = ns % 1000000000;
+    if (rem < 0) { rem += 1000000000; sec -= 1; }
+    ts->tv_sec = (time_t)sec;
+    ts->tv_nsec = (long)rem;
+}
+
 /* Python's datetime.utcnow().isoformat(): microseconds only when non-zero. */
 static int luaws_core_utcnow_iso(lua_State *L) {
     struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
+    luaws_now(L, &ts);
     struct tm tm;
     gmtime_r(&ts.tv_sec, &tm);
     char buf[64];
@@ -385,7 +404,7 @@ static int luaws_core_utcnow_iso(lua_State *L) {
 
 static int luaws_core_now(lua_State *L) {
     struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
+    luaws_now(L, &ts);
     lua_pushnumber(L, (lua_Number)ts.tv_sec + (lua_Number)ts.tv_nsec / 1e9);
     return 1;
 }

@@ -137,10 +137,11 @@ final class Connection {
         }
     }
 
-    /// Waits for `firings` idle-timer firings (each sends "It is: ..."). The idle timers run on
-    /// the wall clock (NIODeadline.now()), so this sleeps a little over their 1 ms between turns,
-    /// then moves the embedded loop to the wall clock's now; a turn that finds nothing due costs
-    /// a little, which is why the figure is per firing and the interval is short.
+    /// Waits for `firings` idle-timer firings (each sends "It is: ..."). The idle timers follow
+    /// the loop's clock (virtual here); this still sleeps a little over their 1 ms between turns
+    /// and moves the loop to the wall clock's now, as it did when they read the wall clock, so
+    /// that the figures stay comparable; a turn that finds nothing due costs a little, which is
+    /// why the figure is per firing and the interval is short.
     func idle(_ firings: Int) {
         var seen = 0
         while seen < firings {

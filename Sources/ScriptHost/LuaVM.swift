@@ -76,7 +76,18 @@ final class LuaVM {
     /// What a hook run did (`luaws_run_hook`), allocated once.
     private let run: UnsafeMutablePointer<luaws_run>
 
-    init(memoryLimit: Int, instructionBudget: Int) throws {
+    /// The time scripts see, in nanoseconds since the Unix epoch; nil (the default) reads the
+    /// system clock. Set before any script runs.
+    var clock: (() -> Int64)? {
+        didSet {
+            host.pointee.clock_ns = clock == nil ? nil : { swift in
+                Unmanaged<LuaVM>.fromOpaque(swift!).takeUnretainedValue().clock?() ?? 0
+            }
+        }
+    }
+
+    /// `prelude`: the Lua run once to set the state up (`luaTestPrelude` for test files).
+    init(memoryLimit: Int, instructionBudget: Int, prelude: String = luaPrelude) throws {
         let host = UnsafeMutablePointer<luaws_host>.allocate(capacity: 1)
         host.initialize(to: luaws_host())
         host.pointee.mem_limit = memoryLimit
@@ -102,7 +113,7 @@ final class LuaVM {
             LuaVM.fill(reply!, with: vm.delegate?.luaCommand(op, values) ?? .nil)
         }
 
-        var prelude = luaPrelude
+        var prelude = prelude
         var ref: Int32 = LUA_NOREF
         let opened: OpaquePointer? = prelude.withUTF8 { src in
             src.withMemoryRebound(to: CChar.self) { chars in

@@ -258,11 +258,13 @@ public final class PluginHost {
 
     /// A host for one event loop. Without `eventLoop` (unit tests, `luaws check`) timers are
     /// recorded but never run; without `cluster`, publish, broadcast and the shared store do
-    /// nothing.
+    /// nothing. `clock` is the time scripts see (`luaws.now`, `luaws.utcnow_iso`, `os.time`),
+    /// in nanoseconds since the Unix epoch: nil reads the system clock; `luaws test` passes its
+    /// virtual clock.
     public init(
         plugins set: PluginSet, vars: [String: String] = [:], limits: ScriptLimits = .init(), logger: Logger,
         cluster: ScriptCluster? = nil, eventLoop: EventLoop? = nil, isPrimary: Bool = true, services: ScriptServices? = nil,
-        reservedPaths: [String] = []
+        reservedPaths: [String] = [], clock: (() -> Int64)? = nil
     ) throws {
         self.services = services
         self.reservedPaths = reservedPaths
@@ -272,6 +274,7 @@ public final class PluginHost {
         self.isPrimary = isPrimary
         self.limits = limits
         vm = try LuaVM(memoryLimit: limits.memoryLimit, instructionBudget: limits.instructionBudget)
+        vm.clock = clock
         fnNewSet = try vm.apiFunction("new_set")
         fnAddPlugin = try vm.apiFunction("add_plugin")
         fnPluginField = try vm.apiFunction("plugin_field")
@@ -539,7 +542,7 @@ public final class PluginHost {
 
         case .upgrade(let request, let decided):
             // Request tables of upgrades whose connection never opened.
-            let stale = NIODeadline.now() - .seconds(120)
+            let stale = (eventLoop?.now ?? .now()) - .seconds(120)
             for (token, entry) in upgrades where entry.at < stale {
                 upgrades[token] = nil
                 vm.unref(entry.ref)
@@ -556,7 +559,7 @@ public final class PluginHost {
                     decided(.refuse(status: status, reason: reason))
                 } else {
                     nextUpgrade += 1
-                    upgrades[nextUpgrade] = (ref, .now())
+                    upgrades[nextUpgrade] = (ref, eventLoop?.now ?? .now())
                     decided(.accept(token: nextUpgrade))
                 }
             }
@@ -1143,7 +1146,7 @@ extension PluginHost: LuaVMDelegate {
         case .store:
             guard let cluster else { return .error("the shared store is not available here") }
             guard let operation = Self.storeOperation(args) else { return .error("shared: bad arguments") }
-            switch cluster.storeNow(operation) {
+            switch cluster.storeNow(operation, now: eventLoop?.now ?? .now()) {
             case .success(let reply): return .bytes(reply.packed)
             case .failure(let full): return .error(full.message)
             }

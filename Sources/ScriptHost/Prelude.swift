@@ -4,7 +4,7 @@
 ///
 /// Kept in Lua because this is where Lua is the clearer language: tables, environments,
 /// metatables. Everything that touches the engine goes through `core`, written in C.
-let luaPrelude = #"""
+let luaPreludeBody = #"""
 local core = ...
 local LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR = 0, 1, 2, 3
 local log_levels = { debug = LOG_DEBUG, info = LOG_INFO, warn = LOG_WARN, warning = LOG_WARN, error = LOG_ERROR }
@@ -529,6 +529,18 @@ local function safe_rawset(t, k, v)
   return rawset(t, k, v)
 end
 
+-- os.time() and os.date() without a time read luaws.now's clock, not the system's: the same
+-- as the system's when serving, the virtual clock under `luaws test`.
+local os_time, os_date, floor = os.time, os.date, math.floor
+local function script_time(t)
+  if t == nil then return floor(core.now()) end
+  return os_time(t)
+end
+local function script_date(format, t)
+  if t == nil then t = floor(core.now()) end
+  return os_date(format, t)
+end
+
 local function sandbox_base(owner, require_fn)
   local env = {
     assert = assert, error = error, ipairs = ipairs, next = next, pairs = pairs,
@@ -537,7 +549,7 @@ local function sandbox_base(owner, require_fn)
     tonumber = tonumber, tostring = tostring, type = type, _VERSION = _VERSION,
     string = copy(string), table = copy(table), math = copy(math), utf8 = copy(utf8),
     coroutine = copy(coroutine),
-    os = { time = os.time, clock = os.clock, date = os.date, difftime = os.difftime },
+    os = { time = script_time, clock = os.clock, date = script_date, difftime = os.difftime },
     luaws = make_luaws(owner),
     require = require_fn,
   }
@@ -785,6 +797,7 @@ function api.drop_conn(conn)
   fields._timers = nil
   fields._ntimers = 0
 end
-
-return api
 """#
+
+/// The prelude of every plugin state.
+let luaPrelude = luaPreludeBody + "\nreturn api\n"

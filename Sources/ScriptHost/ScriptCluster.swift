@@ -68,12 +68,13 @@ public final class ScriptCluster: Sendable {
     /// The store is over Redis: its calls wait.
     public var storeWaits: Bool { remoteStore != nil }
 
-    /// Makes the plugin host of `eventLoop`, on that loop, with the current plugin set.
-    public func makeHost(on eventLoop: EventLoop) throws -> PluginHost {
+    /// Makes the plugin host of `eventLoop`, on that loop, with the current plugin set;
+    /// `clock` as for `PluginHost.init` (nil: the system clock).
+    public func makeHost(on eventLoop: EventLoop, clock: (() -> Int64)? = nil) throws -> PluginHost {
         let set = state.withLockedValue { $0.set }
         // The first loop's host is the primary: it alone runs top-level plugin timers.
         let isPrimary = members.withLockedValue { $0.isEmpty }
-        let host = try PluginHost(plugins: set, vars: vars, limits: limits, logger: logger, cluster: self, eventLoop: eventLoop, isPrimary: isPrimary, services: services, reservedPaths: reservedPaths)
+        let host = try PluginHost(plugins: set, vars: vars, limits: limits, logger: logger, cluster: self, eventLoop: eventLoop, isPrimary: isPrimary, services: services, reservedPaths: reservedPaths, clock: clock)
         members.withLockedValue { $0.append(Member(eventLoop: eventLoop, host: NIOLoopBound(host, eventLoop: eventLoop))) }
         return host
     }
@@ -257,10 +258,11 @@ public final class ScriptCluster: Sendable {
 
     // MARK: shared store
 
-    /// Runs a store operation in-process, at once (without `--cluster`).
-    func storeNow(_ operation: StoreOperation) -> Result<ScriptRedisReply, SharedStore.Full> {
+    /// Runs a store operation in-process, at once (without `--cluster`). `now` is the calling
+    /// loop's clock, for expiry: the system's when serving, virtual under `luaws test`.
+    func storeNow(_ operation: StoreOperation, now: NIODeadline) -> Result<ScriptRedisReply, SharedStore.Full> {
         store.withLockedValue { store in
-            do throws(SharedStore.Full) { return .success(try store.perform(operation, limits: limits)) } catch { return .failure(error) }
+            do throws(SharedStore.Full) { return .success(try store.perform(operation, limits: limits, now: now)) } catch { return .failure(error) }
         }
     }
 

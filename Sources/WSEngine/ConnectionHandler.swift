@@ -46,10 +46,13 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     private var idleTimers: [IdleTimer] = []
     /// Bumped by every `setIdleTimers`: queue entries of an older generation are ignored.
     private var timerGeneration = 0
-    private var lastMessage = NIODeadline.now()
+    /// Read from the loop (`eventLoop.now`), never from `NIODeadline.now()`: on an embedded loop
+    /// (`luaws test`) time is virtual, and every deadline must follow the same clock. Set for
+    /// real in `handlerAdded`.
+    private var lastMessage = NIODeadline.uptimeNanoseconds(0)
 
     // Keep-alive: a ping after `pingInterval` of silence, a drop after `pongTimeout` more.
-    private var lastHeard = NIODeadline.now()
+    private var lastHeard = NIODeadline.uptimeNanoseconds(0)
     private var pingSentAt: NIODeadline?
     /// Frames are being dropped for this slow consumer (policy .drop): logged once per episode.
     private var dropping = false
@@ -97,7 +100,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         connection = WebSocketConnection(id: id, request: request, handler: self)
         loop.connections[id] = self
         loop.closedFigures.paths[request.path, default: EngineFigures.PathFigures()].opened += 1
-        lastMessage = .now()
+        lastMessage = context.eventLoop.now
         lastHeard = lastMessage
         openedAt = lastMessage
         dispatch { $0.opened(connection, request: request) }
@@ -127,7 +130,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard state != .closed else { return }
         reading = true
-        lastHeard = .now()  // once per read, not per frame
+        lastHeard = context.eventLoop.now  // once per read, not per frame
         pingSentAt = nil
         let bytes = unwrapInboundIn(data)
         counts.bytesReceived &+= bytes.readableBytes
@@ -349,7 +352,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         readingPaused = !reading
         try? context.channel.syncOptions?.setOption(ChannelOptions.autoRead, value: reading)
         if reading {
-            let now = NIODeadline.now()
+            let now = context.eventLoop.now
             lastHeard = now
             pingSentAt = nil
             context.read()
@@ -357,8 +360,8 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     }
 
     func setIdleTimers(_ intervals: [TimeAmount]) {
-        guard context != nil else { return }
-        let now = NIODeadline.now()
+        guard let context else { return }
+        let now = context.eventLoop.now
         loop.timers.retire(idleTimers.count)
         idleTimers = intervals.enumerated().map { index, interval in
             IdleTimer(interval: interval, anchor: idleTimers.indices.contains(index) ? idleTimers[index].anchor : now)

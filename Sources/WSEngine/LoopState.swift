@@ -38,7 +38,7 @@ final class LoopState {
     func startSweep(every interval: TimeAmount) {
         let state = NIOLoopBound(self, eventLoop: eventLoop)
         sweep = eventLoop.scheduleRepeatedTask(initialDelay: interval, delay: interval) { _ in
-            let now = NIODeadline.now()
+            let now = state.value.eventLoop.now  // the loop's clock: virtual on an embedded loop
             for handler in state.value.connections.values { handler.checkKeepAlive(now: now) }
         }
     }

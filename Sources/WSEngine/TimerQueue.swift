@@ -61,7 +61,7 @@ final class TimerQueue {
         wake = nil
         wakeAt = nil
         firing = true
-        let now = NIODeadline.now()
+        let now = eventLoop.now  // the loop's clock: virtual on an embedded loop
         while let top = heap.first, top.due <= now {
             let entry = removeTop()
             if entry.handler.wantsTimer(generation: entry.generation) {

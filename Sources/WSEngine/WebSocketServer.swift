@@ -24,6 +24,13 @@ public final class WebSocketServer: Sendable {
     /// The admin listener's address, if there is one.
     public var adminAddress: SocketAddress? { adminChannel?.localAddress }
 
+    /// How often a loop's keep-alive sweep runs: a quarter of the shortest keep-alive interval,
+    /// between 10 ms and 1 s.
+    static func sweepInterval(_ configuration: ServerConfiguration) -> TimeAmount {
+        let shortest = [configuration.pingInterval, configuration.pongTimeout, configuration.idleTimeout ?? .seconds(3600)].min()!
+        return TimeAmount.nanoseconds(min(max(shortest.nanoseconds / 4, 10_000_000), 1_000_000_000))
+    }
+
     /// Makes one application per event loop, on that loop, then binds.
     public static func start(
         configuration: ServerConfiguration,
@@ -40,9 +47,7 @@ public final class WebSocketServer: Sendable {
                     NIOLoopBound(LoopState(index: index, eventLoop: loop, application: try makeApplication(index, loop), logger: logger, compressionLevel: configuration.compressionLevel), eventLoop: loop)
                 }.get()
                 loops[ObjectIdentifier(loop)] = state
-                // A quarter of the shortest keep-alive interval, between 10 ms and 1 s.
-                let shortest = [configuration.pingInterval, configuration.pongTimeout, configuration.idleTimeout ?? .seconds(3600)].min()!
-                let sweep = TimeAmount.nanoseconds(min(max(shortest.nanoseconds / 4, 10_000_000), 1_000_000_000))
+                let sweep = sweepInterval(configuration)
                 try await loop.submit { state.value.startSweep(every: sweep) }.get()
             }
             let channel = try await bind(configuration: configuration, group: group, loops: loops, threadPool: threadPool, logger: logger)

@@ -15,7 +15,7 @@ struct Luaws: AsyncParsableCommand {
         commandName: "luaws",
         abstract: "A WebSocket server whose behaviour is written in Lua.",
         version: "luaws \(luawsVersion)",
-        subcommands: [Serve.self, Check.self],
+        subcommands: [Serve.self, Check.self, TestCommand.self],
         defaultSubcommand: Serve.self
     )
 }
@@ -241,6 +241,9 @@ struct Serve: AsyncParsableCommand {
     }
 
     func run() async throws {
+        // Listened for from the start: a SIGTERM that comes as soon as the banner is out (or
+        // before) must not be lost.
+        let signals = Signals.stream([SIGINT, SIGTERM, SIGHUP])
         let level = logLevel
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
@@ -386,7 +389,7 @@ struct Serve: AsyncParsableCommand {
 
         let reloading = Task { await reloader.run() }
 
-        for await signal in Signals.stream([SIGINT, SIGTERM, SIGHUP]) {
+        for await signal in signals {
             if signal == SIGHUP {
                 reloader.request("SIGHUP")
                 if let certificates {

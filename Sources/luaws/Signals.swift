@@ -7,6 +7,8 @@ enum Signals {
         AsyncStream { continuation in
             let queue = DispatchQueue(label: "luaws.signals")
             let sources = signals.map { number -> DispatchSourceSignal in
+                // SIG_IGN first: on Linux libdispatch installs its own handler when the source
+                // starts, and SIG_IGN set afterwards would replace it.
                 signal(number, SIG_IGN)
                 let source = DispatchSource.makeSignalSource(signal: number, queue: queue)
                 source.setEventHandler { continuation.yield(number) }

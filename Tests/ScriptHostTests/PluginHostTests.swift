@@ -224,4 +224,33 @@ final class PluginHostTests: XCTestCase {
         let stamp = try XCTUnwrap(conn.texts.first)
         XCTAssertNotNil(stamp.range(of: #"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?$"#, options: .regularExpression), stamp)
     }
+
+    /// A host given a clock (what `luaws test` does with its virtual one): every way a script
+    /// reads the time follows it; without one, the system clock.
+    func testScriptsReadTheHostClock() throws {
+        var now: Int64 = 1_735_689_600_000_000_000 + 1_500_000  // 2025-01-01T00:00:00.0015Z
+        let source = """
+            return { on_message = function(conn)
+              conn:send(luaws.now() .. " " .. luaws.utcnow_iso() .. " " .. os.time() .. " " .. os.date("!%H:%M:%S"))
+            end }
+            """
+        let set = PluginSet(plugins: [PluginSource(name: "clock", path: "clock.lua", source: source)], libraryDirectory: "/nonexistent")
+        let host = try PluginHost(plugins: set, logger: logger, clock: { now })
+        let conn = RecordingConnection()
+        host.open(conn, id: 1, request: request)
+        host.message(id: 1, data: text("x"), binary: false)
+        now += 3_600_000_000_000
+        host.message(id: 1, data: text("x"), binary: false)
+        XCTAssertEqual(conn.texts, [
+            "1735689600.0015 2025-01-01T00:00:00.001500 1735689600 00:00:00",
+            "1735693200.0015 2025-01-01T01:00:00.001500 1735693200 01:00:00",
+        ])
+
+        let real = try PluginHost(plugins: set, logger: logger)
+        let other = RecordingConnection()
+        real.open(other, id: 1, request: request)
+        real.message(id: 1, data: text("x"), binary: false)
+        let seconds = Double(other.texts[0].split(separator: " ")[0]) ?? 0
+        XCTAssertEqual(seconds, Date().timeIntervalSince1970, accuracy: 60)
+    }
 }

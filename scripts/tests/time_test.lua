@@ -1,0 +1,61 @@
+-- Tests for time.lua: the idle push, on the virtual clock (10 s of it take microseconds).
+local t = test
+t.plugins{ "time" }
+
+t.case("pushes the time after 10 s of silence", function()
+  local c = t.connect("/ws")
+  t.advance(9.9)
+  t.expect(c:recv(), nil)
+  t.advance(0.1)
+  t.match(c:recv(), "^It is: %d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d")
+end)
+
+t.case("the time is the virtual clock's, in UTC ISO format", function()
+  local c = t.connect("/ws")
+  t.advance(10)
+  t.expect(c:recv(), "It is: 2025-01-01T00:00:10")
+  t.advance(0.25)
+  t.advance(9.75)
+  t.expect(c:recv(), "It is: 2025-01-01T00:00:20")
+end)
+
+t.case("keeps pushing every 10 s while the client is silent", function()
+  local c = t.connect("/ws")
+  t.advance(35)
+  t.expect(#c:recv_all(), 3)
+end)
+
+t.case("a message from the client restarts the wait", function()
+  local c = t.connect("/ws")
+  t.advance(8)
+  c:send("still here")
+  t.advance(8)
+  t.expect(c:recv(), nil)
+  t.advance(2)
+  t.expect(c:recv(), "It is: 2025-01-01T00:00:18")
+end)
+
+t.case("an hour of silence: 360 pushes, and the connection stays open", function()
+  local c = t.connect("/ws")
+  t.advance(3600)
+  local pushes = c:recv_all()
+  t.expect(#pushes, 360)
+  t.expect(pushes[360], "It is: 2025-01-01T01:00:00")
+  t.expect(c.open, true)
+end)
+
+t.case("--var time_interval shortens the wait", function()
+  t.set_var("time_interval", 0.5)
+  local c = t.connect("/ws")
+  t.advance(0.5)
+  t.expect(c:recv(), "It is: 2025-01-01T00:00:00.500000")
+end)
+
+t.case("with echo: both plugins see the connection", function()
+  t.plugins{ "echo", "time" }
+  local c = t.connect("/ws")
+  c:send("hi")
+  t.expect(c:recv(), "Message received: hi")
+  t.advance(10)
+  t.match(c:recv(), "^It is: ")
+end)
