@@ -910,7 +910,13 @@ public final class PluginHost {
         case 2: return text(2).map { .set(key, $0, ttl: number(4)) }
         case 3: return text(2).map { .add(key, $0, ttl: number(4)) }
         case 4: return text(3).map { .cas(key, old: text(2), new: $0) }
-        case 5: return .incr(key, by: number(2) ?? 1)
+        case 5:
+            switch args.indices.contains(2) ? args[2] : .nil {
+            case .integer(let n): return .incr(key, by: .integer(n))
+            case .number(let n) where n.isFinite: return .incr(key, by: .float(n))
+            case .nil: return .incr(key, by: .integer(1))
+            default: return nil
+            }
         case 6: return .delete(key)
         case 7: return number(2).map { .expire(key, ttl: $0) }
         case 8: return .keys(prefix: key)
@@ -1132,6 +1138,7 @@ extension PluginHost: LuaVMDelegate {
             // The first subscriber of the loop takes a reference on the process's subscription;
             // with --cluster, the first of the process waits for Redis to acknowledge it.
             if first, cluster?.retain(channel: channel) == true { return .integer(1) }
+            if !first, cluster?.retryIfFailed(channel: channel) == true { return .integer(1) }
             return .bool(true)
         case .unsubscribe:
             guard let id = integer(0), let channel = string(1) else { return .bool(false) }

@@ -307,10 +307,14 @@ local store_waits = false
 local shared = {}
 local function check_key(key, what)
   if type(key) ~= "string" then fail("shared:" .. what .. ": key must be a string (got " .. type(key) .. ")") end
+  if not utf8_valid(key) then fail("shared:" .. what .. ": key must be valid UTF-8") end
 end
 local function store_value(v, what)
   local t = type(v)
-  if t == "string" then return v end
+  if t == "string" then
+    if not utf8_valid(v) then fail("shared:" .. what .. ": values must be valid UTF-8 text (encode bytes, e.g. as hex)") end
+    return v
+  end
   if t == "number" then
     if v ~= v or v == math.huge or v == -math.huge then fail("shared:" .. what .. ": cannot store " .. tostring(v)) end
     return tostring(v)
@@ -318,7 +322,7 @@ local function store_value(v, what)
   fail("shared:" .. what .. ": values are strings or numbers (got " .. t .. ")")
 end
 local function check_ttl(ttl, what)
-  if ttl ~= nil and (type(ttl) ~= "number" or ttl ~= ttl or ttl <= 0 or ttl > MAX_INTERVAL) then
+  if ttl ~= nil and (type(ttl) ~= "number" or ttl ~= ttl or ttl < MIN_INTERVAL or ttl > MAX_INTERVAL) then
     fail("shared:" .. what .. ": ttl must be a number of seconds from 0.001 to 1e9 (got " .. tostring(ttl) .. ")")
   end
 end
@@ -337,8 +341,9 @@ local function boolean(v, err) if v == nil then return nil, err end return v == 
 function shared:get(key)
   check_key(key, "get")
   local v, err = store(STORE_GET, key)
+  if v == nil then return nil, err end
   if v == core.null then return nil end
-  return v, err
+  return v
 end
 --- Stores `value` (nil deletes), for `ttl` seconds if given. True, or nil and why.
 function shared:set(key, value, ttl)
@@ -705,6 +710,9 @@ function api.call_upgrade(fn, req)
   if math.type(status) ~= "integer" or status < 400 or status > 599 then
     error("on_upgrade must return nothing (accept) or a status from 400 to 599 and a reason (got " .. tostring(status) .. ")", 0)
   end
+  if reason ~= nil and type(reason) ~= "string" and type(reason) ~= "number" then
+    error("on_upgrade's reason must be a string (got " .. type(reason) .. ")", 0)
+  end
   rawset(req, "_refused", status .. "\n" .. tostring(reason or ""))
   return true
 end
@@ -722,13 +730,16 @@ function api.call_route(fn, req)
     if type(headers) ~= "table" then error("a route's headers must be a table of name = value", 0) end
     for k, v in pairs(headers) do
       v = tostring(v)
-      if type(k) ~= "string" or not k:match("^[!#$%%&'*+%-.^_`|~%w]+$") or v:find("[\r\n%z]") then
+      -- No control characters but tab (NIO would refuse them and drop the connection), UTF-8.
+      if type(k) ~= "string" or not k:match("^[!#$%%&'*+%-.^_`|~%w]+$") or v:find("[%z\1-\8\10-\31\127]") or not utf8_valid(v) then
         error("a route's header " .. tostring(k) .. " is not a valid header", 0)
       end
       lines[#lines + 1] = k .. ": " .. v
     end
   end
   if body ~= nil and type(body) ~= "string" then body = tostring(body) end
+  -- 204 and 304 answers have no body (one would be read as the start of the next response).
+  if status == 204 or status == 304 then body = nil end
   rawset(req, "_response", pack_bytes("<I2s4s4", status, concat(lines, "\n"), body or ""))
   return true
 end

@@ -32,7 +32,7 @@ public final class ScriptCluster: Sendable {
     public let bus: MessageBus?
     public let remoteStore: RemoteStore?
     /// Channels the process's loops subscribe to, with how many loops do.
-    private let channelRefs = NIOLockedValueBox<[String: (loops: Int, acknowledged: EventLoopFuture<Void>?)]>([:])
+    private let channelRefs = NIOLockedValueBox<[String: (loops: Int, acknowledged: EventLoopFuture<Void>?, failed: Bool)]>([:])
     private let logger: Logger
     private let members = NIOLockedValueBox<[Member]>([])
     private let store = NIOLockedValueBox(SharedStore())
@@ -203,7 +203,31 @@ public final class ScriptCluster: Sendable {
                 refs[channel] = entry
                 return entry.acknowledged != nil
             }
-            refs[channel] = (1, bus.subscribe(channel))
+            refs[channel] = (1, watch(bus.subscribe(channel), channel), false)
+            return true
+        }
+    }
+
+    /// Notes a subscription that failed (Redis refused it or was down), so that the next
+    /// subscriber of the channel asks again (`retryIfFailed`).
+    private func watch(_ future: EventLoopFuture<Void>, _ channel: String) -> EventLoopFuture<Void> {
+        future.whenFailure { [channelRefs] _ in
+            channelRefs.withLockedValue { refs in
+                if refs[channel] != nil { refs[channel]?.failed = true }
+            }
+        }
+        return future
+    }
+
+    /// A loop has another subscriber of `channel`: if the process's subscription failed, it
+    /// is asked for again. True if the caller should wait for `acknowledged(channel:)`.
+    func retryIfFailed(channel: String) -> Bool {
+        guard let bus else { return false }
+        return channelRefs.withLockedValue { refs in
+            guard var entry = refs[channel], entry.failed else { return false }
+            entry.failed = false
+            entry.acknowledged = watch(bus.subscribe(channel), channel)
+            refs[channel] = entry
             return true
         }
     }

@@ -39,6 +39,10 @@ struct ServerPipeline: Sendable {
                 }
                 return bound.value.application.shouldUpgrade(request, on: channel.eventLoop).map { decision -> HTTPHeaders? in
                     let loop = bound.value
+                    // The client may have gone while the application decided: its channel's
+                    // close has already cleared this channel's entries, and a later channel may
+                    // reuse the same identity, so nothing may be recorded for it now.
+                    guard channel.isActive else { return nil }
                     switch decision {
                     case .refuse(let status, let reason):
                         loop.closedFigures.refused["application", default: 0] += 1

@@ -25,6 +25,10 @@ final class RedisBus: MessageBus {
     /// The last sequence number seen from each other process.
     private let lastSeen = NIOLockedValueBox<[String: UInt64]>([:])
     private let counters = NIOLockedValueBox((lost: 0, unsent: 0))
+    /// Bytes handed to the publishing connection and not yet answered by Redis: a stalled
+    /// Redis must not make the process hold every message published meanwhile.
+    private let pendingBytes = NIOLockedValueBox(0)
+    static let maxPendingBytes = 64 << 20
 
     init(url: RedisURL, prefix: String, webSocketPaths: [String], logger: Logger) {
         self.url = url
@@ -66,9 +70,20 @@ final class RedisBus: MessageBus {
             return value
         }
         let envelope = Array("\(origin) \(seq) ".utf8) + Array(text.utf8)
-        let counters = self.counters
-        publisher.send([Array("PUBLISH".utf8), Array(redisChannel.utf8), envelope]).whenFailure { _ in
+        let size = envelope.count
+        let accepted = pendingBytes.withLockedValue { pending in
+            guard pending == 0 || pending + size <= Self.maxPendingBytes else { return false }
+            pending += size
+            return true
+        }
+        guard accepted else {
             counters.withLockedValue { $0.unsent += 1 }
+            return "redis backlog full (Redis is slow): delivered in this process only"
+        }
+        let counters = self.counters, pendingBytes = self.pendingBytes
+        publisher.send([Array("PUBLISH".utf8), Array(redisChannel.utf8), envelope]).whenComplete { result in
+            pendingBytes.withLockedValue { $0 -= size }
+            if case .failure = result { counters.withLockedValue { $0.unsent += 1 } }
         }
         return nil
     }

@@ -44,7 +44,10 @@ final class RedisStore: RemoteStore {
             }
         case .cas(let key, let old, let new): command = ["EVAL", Self.casScript, "1", k(key), old == nil ? "0" : "1", old ?? "", new]
         case .incr(let key, let by):
-            command = by == by.rounded() && abs(by) < 9e15 ? ["INCRBY", k(key), String(Int64(by))] : ["INCRBYFLOAT", k(key), String(by)]
+            switch by {
+            case .integer(let n): command = ["INCRBY", k(key), String(n)]
+            case .float(let d): command = ["INCRBYFLOAT", k(key), String(d)]
+            }
         case .delete(let key): command = ["DEL", k(key)]
         case .expire(let key, let ttl): command = ["PEXPIRE", k(key), Self.milliseconds(ttl)]
         case .keys(let userPrefix): return scan(pattern: Self.escapeGlob(k(userPrefix)) + "*", on: eventLoop)
