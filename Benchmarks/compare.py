@@ -185,7 +185,7 @@ def median_by(outcomes, field):
     if not good:
         return outcomes[-1] if outcomes else {"error": "no run"}
     good.sort(key=lambda r: r[field])
-    return dict(good[len(good) // 2], runs=len(outcomes))
+    return dict(good[len(good) // 2], runs=len(outcomes), all_runs=[r.get(field) for r in outcomes])
 
 
 def thread_ticks(pid):
@@ -273,6 +273,9 @@ def run_io(d):
     })
     try:
         results["sleep"] = interleaved(servers, [*SATURATING, "-d", d])
+        # One message in flight per connection: no batching to lose, so the difference is the
+        # wait itself (suspend, timer, resume) more nearly than under the saturating load.
+        results["sleep_pingpong"] = interleaved(servers, ["-c", "50", "-p", "1", "-s", "16", "-d", d])
     finally:
         stop_all(servers)
     time.sleep(1)
@@ -336,17 +339,22 @@ def run_io(d):
         redis.stop()
     time.sleep(1)
 
-    print("-- io: fan-out in one process", file=sys.stderr, flush=True)
-    servers = start_all({"one": luaws_peer("luaws, one process", script)})
-    try:
-        peer, port = servers["one"]
-        runs = []
-        for _ in range(REPEAT):
-            runs.append(wsbench(port, peer.pids(), *fan_args))
-            time.sleep(1)
-        results["fanout_local"] = median_by(runs, "server_cpu_us_per_delivery")
-    finally:
-        stop_all(servers)
+    # Without Redis, one process: with 1 event loop (1 core, where the cluster has 2 processes of
+    # 1 loop), and with 2 event loops (as many cores as the cluster).
+    for key, threads in [("fanout_local", "1"), ("fanout_local_2", "2")]:
+        print(f"-- io: fan-out in one process, {threads} event loop(s)", file=sys.stderr, flush=True)
+        peer = luaws_peer("luaws, one process", script)
+        peer.argv[peer.argv.index("--threads") + 1] = threads
+        servers = start_all({"one": peer})
+        try:
+            _, port = servers["one"]
+            runs = []
+            for _ in range(REPEAT):
+                runs.append(wsbench(port, peer.pids(), *fan_args))
+                time.sleep(1)
+            results[key] = median_by(runs, "server_cpu_us_per_delivery")
+        finally:
+            stop_all(servers)
     return results
 
 
@@ -366,18 +374,21 @@ def diff(a, b, field):
 def print_io(results):
     print(f"\n## luaws: hooks that wait — {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, loopback, "
           f"1 event loop per luaws process, median of {REPEAT} runs by server CPU per message\n")
-    print("### luaws.sleep(0) and luaws.http.request, saturating 50×16 in flight, 16 B\n")
+    print("### luaws.sleep(0) and luaws.http.request, 16 B\n")
     print("Each pair ran alternately against two luaws processes started side by side. The HTTP backend is "
           "nginx (1 worker, `return 200 \"Message received: $arg_m\"`, no Lua), so every reply wsbench checks "
           "went through it; its CPU is counted apart.\n")
-    print("| luaws | msg/s | server CPU µs/msg | backend CPU µs/msg | p50 µs | p99 µs | errors |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    rows = [("scripts/echo.lua (plain Lua echo)", results["sleep"]["echo"]),
-            ("echo after `luaws.sleep(0)`", results["sleep"]["sleep0"]),
-            ("scripts/echo.lua (run beside the HTTP hook)", results["http"]["echo"]),
-            ("answer = body of `luaws.http.request` to nginx", results["http"]["http"])]
-    for title, r in rows:
-        print(f"| {title} | {fmt(r, 'msg_per_s')} | {fmt(r, 'server_cpu_us_per_msg', 2)} | "
+    print("| load | luaws | msg/s | server CPU µs/msg | backend CPU µs/msg | p50 µs | p99 µs | errors |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    sat, pp = "saturating 50×16 in flight", "ping-pong 50×1"
+    rows = [(sat, "scripts/echo.lua (plain Lua echo)", results["sleep"]["echo"]),
+            (sat, "echo after `luaws.sleep(0)`", results["sleep"]["sleep0"]),
+            (pp, "scripts/echo.lua (plain Lua echo)", results["sleep_pingpong"]["echo"]),
+            (pp, "echo after `luaws.sleep(0)`", results["sleep_pingpong"]["sleep0"]),
+            (sat, "scripts/echo.lua (run beside the HTTP hook)", results["http"]["echo"]),
+            (sat, "answer = body of `luaws.http.request` to nginx", results["http"]["http"])]
+    for load, title, r in rows:
+        print(f"| {load} | {title} | {fmt(r, 'msg_per_s')} | {fmt(r, 'server_cpu_us_per_msg', 2)} | "
               f"{fmt(r, 'backend_cpu_us_per_msg', 2)} | {fmt(r, 'p50_us')} | {fmt(r, 'p99_us')} | {errs_of(r)} |")
     shares = results["http"]["http"].get("threads", {})
     if shares:
@@ -385,23 +396,35 @@ def print_io(results):
             f"{name} {share * 100:.0f} %" for name, share in sorted(shares.items(), key=lambda x: -x[1])) +
             " (NIO-ELT: its event loop, Lua included; NIO-SGLTN: AsyncHTTPClient's loops).")
     print(f"\nOne `luaws.sleep(0)` round trip: {diff(results['sleep']['echo'], results['sleep']['sleep0'], 'server_cpu_us_per_msg')} "
-          f"µs of server CPU per message; one `luaws.http.request`: "
+          f"µs of server CPU per message under the saturating load (a waiting hook holds back its connection's "
+          f"next messages, so the batching of 16 messages per read is lost too), "
+          f"{diff(results['sleep_pingpong']['echo'], results['sleep_pingpong']['sleep0'], 'server_cpu_us_per_msg')} µs "
+          f"in ping-pong; one `luaws.http.request`: "
           f"{diff(results['http']['echo'], results['http']['http'], 'server_cpu_us_per_msg')} µs in luaws "
           f"(plus the backend's).\n")
 
     print(f"### Fan-out: 1 publisher, {FANOUT_SUBSCRIBERS:,} subscribers, 16 B, {FANOUT_MESSAGES:,} messages "
           f"(after {FANOUT_WARMUP}), at most 16 not yet received by everyone\n")
     print("Every subscriber must receive every message in order (wsbench -m fanout checks each). "
-          "CPU per delivered message: all luaws processes; Redis apart.\n")
+          "CPU per delivered message: all luaws processes; Redis apart. The publisher connects to the first "
+          "process. Deliveries/s is bounded by the cores the set-up may use (one per event loop) and by the "
+          "window of 16 messages: compare CPU per delivery first.\n")
     print("| set-up | deliveries/s | published/s | luaws CPU µs/delivery | Redis CPU µs/delivery | p50 µs | p99 µs | "
           "subscribers complete | errors |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for title, r in [("2 luaws processes (500 + 500 subscribers), --cluster over redis-server", results["fanout_cluster"]),
-                     ("1 luaws process, no Redis (1,000 subscribers)", results["fanout_local"])]:
+    for title, r in [("2 luaws processes × 1 event loop (500 + 500 subscribers), --cluster over redis-server",
+                      results["fanout_cluster"]),
+                     ("1 luaws process × 1 event loop, no Redis (1,000 subscribers)", results["fanout_local"]),
+                     ("1 luaws process × 2 event loops, no Redis (1,000 subscribers)", results["fanout_local_2"])]:
         complete = "error" if "error" in r else f"{r.get('subscribers_complete', 0):,}/{r.get('subscribers', 0):,}"
         print(f"| {title} | {fmt(r, 'delivered_per_s')} | {fmt(r, 'published_per_s')} | "
               f"{fmt(r, 'server_cpu_us_per_delivery', 2)} | {fmt(r, 'backend_cpu_us_per_delivery', 2)} | "
               f"{fmt(r, 'p50_us')} | {fmt(r, 'p99_us')} | {complete} | {errs_of(r)} |")
+    rc = results["fanout_cluster"]
+    if isinstance(rc.get("backend_cpu_us_per_delivery"), (int, float)):
+        print(f"\nRedis's CPU per published message in the cluster run: "
+              f"{rc['backend_cpu_us_per_delivery'] * rc.get('subscribers', 0):,.0f} µs (one PUBLISH in, one message "
+              f"out to each luaws process; /proc counts in 10 ms ticks, so this is rough).")
     for label, r in results["redis_publish"].items():
         if "error" in r:
             print(f"\nredis-benchmark PUBLISH ({label}): error {r['error']}")
