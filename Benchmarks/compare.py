@@ -180,12 +180,19 @@ def luaws_peer(name, script, *extra):
                        "--scripts", str(script), *extra])
 
 
+def failed(r):
+    return ("error" in r or r.get("errors", 0) or r.get("mismatches", 0) or r.get("finished") is False
+            or r.get("subscribers_complete", r.get("subscribers")) != r.get("subscribers"))
+
+
 def median_by(outcomes, field):
-    good = [r for r in outcomes if "error" not in r and r.get(field) is not None]
+    """The median of the runs that passed every check, by `field`; with how many did not."""
+    good = [r for r in outcomes if not failed(r) and r.get(field) is not None]
+    bad = len(outcomes) - len(good)
     if not good:
-        return outcomes[-1] if outcomes else {"error": "no run"}
+        return dict(outcomes[-1], failed_runs=bad) if outcomes else {"error": "no run"}
     good.sort(key=lambda r: r[field])
-    return dict(good[len(good) // 2], runs=len(outcomes), all_runs=[r.get(field) for r in outcomes])
+    return dict(good[len(good) // 2], runs=len(outcomes), failed_runs=bad, all_runs=[r.get(field) for r in outcomes])
 
 
 def thread_ticks(pid):
@@ -361,7 +368,8 @@ def run_io(d):
 def errs_of(r):
     if "error" in r:
         return "error"
-    return r.get("errors", 0) + r.get("mismatches", 0)
+    n = r.get("errors", 0) + r.get("mismatches", 0)
+    return f"{n} ({r['failed_runs']} of {r.get('runs', '?')} runs failed)" if r.get("failed_runs") else n
 
 
 def diff(a, b, field):

@@ -231,6 +231,7 @@ static void on_fanout_frame(conn_t *c, const char *p, size_t n, uint64_t t) {
         else mismatches++;
         return;
     }
+    if (!publisher) { mismatches++; return; }  /* nothing was published yet */
     char expect[64];
     payload_of(c->next_reply, expect);
     uint64_t seq = c->next_reply;
