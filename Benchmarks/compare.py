@@ -4,9 +4,16 @@ prints one table. Driven by Benchmarks/compare.sh (which installs and builds eve
 
 Every figure comes from Benchmarks/wsbench (a C load generator that checks every reply):
 messages/s, latency percentiles, and the server's CPU time per message read from
-/proc/PID/stat (utime+stime of all its processes over the measured window)."""
+/proc/PID/stat (utime+stime of all its processes over the measured window).
+
+--quick: only the two 16-byte loads. --full: also 19,000 idle connections with the 10 s push.
+--io: only the loads of hooks that wait (luaws alone): luaws.sleep(0), luaws.http.request to a
+local nginx, and fan-out to 1,000 subscribers over 2 processes with --cluster on a local
+redis-server, beside one process without Redis and redis-benchmark's PUBLISH rate. The full
+run (without --quick) ends with them too."""
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -24,6 +31,11 @@ DURATION = float(os.environ.get("DURATION", "5"))
 REPEAT = int(os.environ.get("REPEAT", "3"))
 QUICK = "--quick" in sys.argv
 FULL = "--full" in sys.argv
+IO_ONLY = "--io" in sys.argv
+# Fan-out: messages published per run (each reaches every subscriber), after FANOUT_WARMUP.
+FANOUT_MESSAGES = int(os.environ.get("FANOUT_MESSAGES", "1000"))
+FANOUT_WARMUP = int(os.environ.get("FANOUT_WARMUP", "100"))
+FANOUT_SUBSCRIBERS = 1000
 
 
 def free_port():
@@ -104,9 +116,12 @@ PEERS = {
 }
 
 
-def wsbench(port, pids, *args):
-    cmd = [str(WSBENCH), *args, "-P", ",".join(map(str, pids)), f"ws://127.0.0.1:{port}/ws"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+def wsbench(port, pids, *args, backend=None, ports=None):
+    urls = [f"ws://127.0.0.1:{p}/ws" for p in (ports or [port])]
+    cmd = [str(WSBENCH), *args, "-P", ",".join(map(str, pids))]
+    if backend:
+        cmd += ["-B", ",".join(map(str, backend))]
+    out = subprocess.run(cmd + urls, capture_output=True, text=True, timeout=600)
     try:
         return json.loads(out.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
@@ -154,8 +169,289 @@ def fmt(r, field, digits=0):
     return f"{v:,.{digits}f}" if isinstance(v, (int, float)) else "-"
 
 
+# ---------------------------------------------------------------- hooks that wait (--io)
+
+PEERS_DIR = ROOT / "Benchmarks/peers"
+SATURATING = ["-c", "50", "-p", "16", "-s", "16"]
+
+
+def luaws_peer(name, script, *extra):
+    return Peer(name, [LUAWS, "--port", "@PORT@", "--threads", "1", "--log-level", "error",
+                       "--scripts", str(script), *extra])
+
+
+def failed(r):
+    return ("error" in r or r.get("errors", 0) or r.get("mismatches", 0) or r.get("finished") is False
+            or r.get("subscribers_complete", r.get("subscribers")) != r.get("subscribers"))
+
+
+def median_by(outcomes, field):
+    """The median of the runs that passed every check, by `field`; with how many did not."""
+    good = [r for r in outcomes if not failed(r) and r.get(field) is not None]
+    bad = len(outcomes) - len(good)
+    if not good:
+        return dict(outcomes[-1], failed_runs=bad) if outcomes else {"error": "no run"}
+    good.sort(key=lambda r: r[field])
+    return dict(good[len(good) // 2], runs=len(outcomes), failed_runs=bad, all_runs=[r.get(field) for r in outcomes])
+
+
+def thread_ticks(pid):
+    """CPU ticks of each thread of `pid`, summed by thread name without its number
+    (NIO-ELT-1-#0 and NIO-ELT-1-#1 are NIO-ELT-1)."""
+    ticks = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            name = (task / "comm").read_text().strip().split("#")[0].rstrip("-")
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            ticks[name] = ticks.get(name, 0) + int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return ticks
+
+
+def interleaved(servers, args, backend=None):
+    """Runs the same load REPEAT times against each started server, alternating between them, so
+    that the machine's noise falls on all of them alike; the median by server CPU per message.
+    Each result also has `threads`: the share of the process's CPU (warm-up included) by thread
+    name (NIO-ELT: luaws's event loop; NIO-SGLTN: AsyncHTTPClient's own loops)."""
+    outcomes = {key: [] for key in servers}
+    for _ in range(REPEAT):
+        for key, (peer, port) in servers.items():
+            before = thread_ticks(peer.proc.pid)
+            r = wsbench(port, peer.pids(), *args, backend=backend(key) if backend else None)
+            after = thread_ticks(peer.proc.pid)
+            spent = {name: after[name] - before.get(name, 0) for name in after}
+            total = sum(spent.values())
+            if total > 0:
+                r["threads"] = {name: round(t / total, 3) for name, t in spent.items() if t > 0}
+            outcomes[key].append(r)
+            time.sleep(0.5)
+    return {key: median_by(runs, "server_cpu_us_per_msg") for key, runs in outcomes.items()}
+
+
+def start_all(peers):
+    started = {}
+    try:
+        for key, peer in peers.items():
+            port = free_port()
+            peer.start(port)
+            started[key] = (peer, port)
+    except Exception:
+        stop_all(started)
+        raise
+    return started
+
+
+def stop_all(started):
+    for peer, _ in started.values():
+        try:
+            peer.stop()
+        except Exception:
+            pass
+
+
+def http_backend_peer():
+    conf_dir = Path(tempfile.mkdtemp(prefix="luaws-backend-"))
+    conf_dir.chmod(0o755)  # nginx workers run as an unprivileged user
+    (conf_dir / "tmp").mkdir()
+    template = (PEERS_DIR / "nginx/http_backend.conf.in").read_text().replace("@DIR@", str(conf_dir))
+
+    class Backend(Peer):
+        def start(self, port):
+            (conf_dir / "nginx.conf").write_text(template.replace("@PORT@", str(port)))
+            super().start(port)
+    return Backend("nginx, 1 worker, return 200 (no Lua)",
+                   ["nginx", "-p", str(conf_dir), "-c", str(conf_dir / "nginx.conf")], children=True)
+
+
+def redis_peer():
+    return Peer("redis-server", ["redis-server", "--bind", "127.0.0.1", "--port", "@PORT@", "--save", "",
+                                 "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"])
+
+
+def run_io(d):
+    results = {}
+
+    # 1. The price of one wait: the plain echo against the same echo with luaws.sleep(0) first.
+    print("-- io: sleep(0)", file=sys.stderr, flush=True)
+    servers = start_all({
+        "echo": luaws_peer("luaws, scripts/echo.lua", ROOT / "scripts/echo.lua"),
+        "sleep0": luaws_peer("luaws, echo after luaws.sleep(0)", PEERS_DIR / "luaws/sleep_echo.lua"),
+    })
+    try:
+        results["sleep"] = interleaved(servers, [*SATURATING, "-d", d])
+        # One message in flight per connection: no batching to lose, so the difference is the
+        # wait itself (suspend, timer, resume) more nearly than under the saturating load.
+        results["sleep_pingpong"] = interleaved(servers, ["-c", "50", "-p", "1", "-s", "16", "-d", d])
+    finally:
+        stop_all(servers)
+    time.sleep(1)
+
+    # 2. A hook that calls HTTP: each message is one GET to a local nginx whose body is the answer.
+    print("-- io: http", file=sys.stderr, flush=True)
+    backend = http_backend_peer()
+    bport = free_port()
+    backend.start(bport)
+    try:
+        servers = start_all({
+            "echo": luaws_peer("luaws, scripts/echo.lua", ROOT / "scripts/echo.lua"),
+            "http": luaws_peer("luaws, answer = body of luaws.http.request to nginx", PEERS_DIR / "luaws/http_echo.lua",
+                               "--var", f"backend=http://127.0.0.1:{bport}/echo"),
+        })
+        try:
+            results["http"] = interleaved(servers, [*SATURATING, "-d", d], backend=lambda key: backend.pids())
+        finally:
+            stop_all(servers)
+    finally:
+        backend.stop()
+    time.sleep(1)
+
+    # 3. Fan-out: 1 publisher, 1,000 subscribers.
+    fan_args = ["-m", "fanout", "-c", str(FANOUT_SUBSCRIBERS), "-p", "16", "-s", "16", "-n", str(FANOUT_MESSAGES),
+                "-W", str(FANOUT_WARMUP), "-d", "30"]
+    script = PEERS_DIR / "luaws/fanout.lua"
+    redis = redis_peer()
+    rport = free_port()
+    print("-- io: fan-out over Redis", file=sys.stderr, flush=True)
+    redis.start(rport)
+    try:
+        url = f"redis://127.0.0.1:{rport}"
+        servers = start_all({
+            "a": luaws_peer("luaws A", script, "--cluster", "--redis", url, "--redis-required"),
+            "b": luaws_peer("luaws B", script, "--cluster", "--redis", url, "--redis-required"),
+        })
+        try:
+            pids = [p for peer, _ in servers.values() for p in peer.pids()]
+            ports = [port for _, port in servers.values()]
+            runs = []
+            for _ in range(REPEAT):
+                runs.append(wsbench(ports[0], pids, *fan_args, backend=redis.pids(), ports=ports))
+                time.sleep(1)
+            results["fanout_cluster"] = median_by(runs, "server_cpu_us_per_delivery")
+        finally:
+            stop_all(servers)
+        print("-- io: redis-benchmark PUBLISH", file=sys.stderr, flush=True)
+        results["redis_publish"] = {}
+        for label, extra in [("50 clients", []), ("50 clients, pipeline 16", ["-P", "16"])]:
+            out = subprocess.run(["redis-benchmark", "-h", "127.0.0.1", "-p", str(rport), "-n", "200000", "-c", "50",
+                                  *extra, "--csv", "PUBLISH", "bench:none", "0123456789abcdef"],
+                                 capture_output=True, text=True, timeout=120).stdout
+            rows = [line.replace('"', "").split(",") for line in out.strip().splitlines()]
+            try:
+                header, row = rows[0], rows[-1]
+                results["redis_publish"][label] = {h: (float(v) if h != "test" else v) for h, v in zip(header, row)}
+            except (IndexError, ValueError):
+                results["redis_publish"][label] = {"error": out.strip()}
+    finally:
+        redis.stop()
+    time.sleep(1)
+
+    # Without Redis, one process: with 1 event loop (1 core, where the cluster has 2 processes of
+    # 1 loop), and with 2 event loops (as many cores as the cluster).
+    for key, threads in [("fanout_local", "1"), ("fanout_local_2", "2")]:
+        print(f"-- io: fan-out in one process, {threads} event loop(s)", file=sys.stderr, flush=True)
+        peer = luaws_peer("luaws, one process", script)
+        peer.argv[peer.argv.index("--threads") + 1] = threads
+        servers = start_all({"one": peer})
+        try:
+            _, port = servers["one"]
+            runs = []
+            for _ in range(REPEAT):
+                runs.append(wsbench(port, peer.pids(), *fan_args))
+                time.sleep(1)
+            results[key] = median_by(runs, "server_cpu_us_per_delivery")
+        finally:
+            stop_all(servers)
+    return results
+
+
+def errs_of(r):
+    if "error" in r:
+        return "error"
+    n = r.get("errors", 0) + r.get("mismatches", 0)
+    return f"{n} ({r['failed_runs']} of {r.get('runs', '?')} runs failed)" if r.get("failed_runs") else n
+
+
+def diff(a, b, field):
+    try:
+        return f"{b[field] - a[field]:,.2f}"
+    except (KeyError, TypeError):
+        return "-"
+
+
+def print_io(results):
+    print(f"\n## luaws: hooks that wait — {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, loopback, "
+          f"1 event loop per luaws process, median of {REPEAT} runs by server CPU per message\n")
+    print("### luaws.sleep(0) and luaws.http.request, 16 B\n")
+    print("Each pair ran alternately against two luaws processes started side by side. The HTTP backend is "
+          "nginx (1 worker, `return 200 \"Message received: $arg_m\"`, no Lua), so every reply wsbench checks "
+          "went through it; its CPU is counted apart.\n")
+    print("| load | luaws | msg/s | server CPU µs/msg | backend CPU µs/msg | p50 µs | p99 µs | errors |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    sat, pp = "saturating 50×16 in flight", "ping-pong 50×1"
+    rows = [(sat, "scripts/echo.lua (plain Lua echo)", results["sleep"]["echo"]),
+            (sat, "echo after `luaws.sleep(0)`", results["sleep"]["sleep0"]),
+            (pp, "scripts/echo.lua (plain Lua echo)", results["sleep_pingpong"]["echo"]),
+            (pp, "echo after `luaws.sleep(0)`", results["sleep_pingpong"]["sleep0"]),
+            (sat, "scripts/echo.lua (run beside the HTTP hook)", results["http"]["echo"]),
+            (sat, "answer = body of `luaws.http.request` to nginx", results["http"]["http"])]
+    for load, title, r in rows:
+        print(f"| {load} | {title} | {fmt(r, 'msg_per_s')} | {fmt(r, 'server_cpu_us_per_msg', 2)} | "
+              f"{fmt(r, 'backend_cpu_us_per_msg', 2)} | {fmt(r, 'p50_us')} | {fmt(r, 'p99_us')} | {errs_of(r)} |")
+    shares = results["http"]["http"].get("threads", {})
+    if shares:
+        print("\nCPU of the HTTP-calling luaws by thread: " + ", ".join(
+            f"{name} {share * 100:.0f} %" for name, share in sorted(shares.items(), key=lambda x: -x[1])) +
+            " (NIO-ELT: its event loop, Lua included; NIO-SGLTN: AsyncHTTPClient's loops).")
+    print(f"\nOne `luaws.sleep(0)` round trip: {diff(results['sleep']['echo'], results['sleep']['sleep0'], 'server_cpu_us_per_msg')} "
+          f"µs of server CPU per message under the saturating load (a waiting hook holds back its connection's "
+          f"next messages, so the batching of 16 messages per read is lost too), "
+          f"{diff(results['sleep_pingpong']['echo'], results['sleep_pingpong']['sleep0'], 'server_cpu_us_per_msg')} µs "
+          f"in ping-pong; one `luaws.http.request`: "
+          f"{diff(results['http']['echo'], results['http']['http'], 'server_cpu_us_per_msg')} µs in luaws "
+          f"(plus the backend's).\n")
+
+    print(f"### Fan-out: 1 publisher, {FANOUT_SUBSCRIBERS:,} subscribers, 16 B, {FANOUT_MESSAGES:,} messages "
+          f"(after {FANOUT_WARMUP}), at most 16 not yet received by everyone\n")
+    print("Every subscriber must receive every message in order (wsbench -m fanout checks each). "
+          "CPU per delivered message: all luaws processes; Redis apart. The publisher connects to the first "
+          "process. Deliveries/s is bounded by the cores the set-up may use (one per event loop) and by the "
+          "window of 16 messages: compare CPU per delivery first.\n")
+    print("| set-up | deliveries/s | published/s | luaws CPU µs/delivery | Redis CPU µs/delivery | p50 µs | p99 µs | "
+          "subscribers complete | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for title, r in [("2 luaws processes × 1 event loop (500 + 500 subscribers), --cluster over redis-server",
+                      results["fanout_cluster"]),
+                     ("1 luaws process × 1 event loop, no Redis (1,000 subscribers)", results["fanout_local"]),
+                     ("1 luaws process × 2 event loops, no Redis (1,000 subscribers)", results["fanout_local_2"])]:
+        complete = "error" if "error" in r else f"{r.get('subscribers_complete', 0):,}/{r.get('subscribers', 0):,}"
+        print(f"| {title} | {fmt(r, 'delivered_per_s')} | {fmt(r, 'published_per_s')} | "
+              f"{fmt(r, 'server_cpu_us_per_delivery', 2)} | {fmt(r, 'backend_cpu_us_per_delivery', 2)} | "
+              f"{fmt(r, 'p50_us')} | {fmt(r, 'p99_us')} | {complete} | {errs_of(r)} |")
+    rc = results["fanout_cluster"]
+    if isinstance(rc.get("backend_cpu_us_per_delivery"), (int, float)):
+        print(f"\nRedis's CPU per published message in the cluster run: "
+              f"{rc['backend_cpu_us_per_delivery'] * rc.get('subscribers', 0):,.0f} µs (one PUBLISH in, one message "
+              f"out to each luaws process; /proc counts in 10 ms ticks, so this is rough).")
+    for label, r in results["redis_publish"].items():
+        if "error" in r:
+            print(f"\nredis-benchmark PUBLISH ({label}): error {r['error']}")
+        else:
+            print(f"\nredis-benchmark PUBLISH to a channel with no subscriber ({label}, 16 B): "
+                  f"{r.get('rps', 0):,.0f} PUBLISH/s, p50 {r.get('p50_latency_ms', 0):.3f} ms")
+    print("\nRaw results (JSON):\n")
+    print("```")
+    print(json.dumps(results, indent=None))
+    print("```")
+
+
 def main():
     d = str(DURATION)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 1,000 subscribers and more
+    if IO_ONLY:
+        print_io(run_io(d))
+        return
     loads = [
         ("ping-pong 50×16 B", ["-c", "50", "-p", "1", "-s", "16", "-d", d]),
         ("saturating 50×16 in flight, 16 B", ["-c", "50", "-p", "16", "-s", "16", "-d", d]),
@@ -219,6 +515,9 @@ def main():
         print("```")
         print(json.dumps(r))
         print("```")
+
+    if not QUICK:
+        print_io(run_io(d))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,16 @@
  * idle mode (-m idle): opens C connections, holds them H seconds and reports the server's RSS
  *   growth per connection (with -P) and the text pushes received (count and how late against
  *   the expected period -e).
+ * fanout mode (-m fanout): C subscribers connect to PATH?role=sub (spread round-robin over the
+ *   URLs given) and wait for the server's "ready" text on each (sent once subscribed); one
+ *   publisher connects to the first URL's PATH?role=pub and sends W warm-up messages, then N
+ *   measured ones (-n), keeping at most P published but not yet received by every subscriber.
+ *   Every subscriber must receive every message, in order, byte for byte (the payload carries
+ *   the sequence number). Reports deliveries/s, delivery latency (publish to receipt), the
+ *   server's CPU per delivery (-P) and the backend's (-B, e.g. Redis), and how many
+ *   subscribers received all W + N messages. Bounded: N messages or -d seconds, whichever first.
+ * -B PIDS: a backend's processes (an HTTP server, Redis), whose CPU is reported separately.
+ * Several ws:// URLs: connections are spread over them round-robin (several processes).
  *
  * Loopback only: the host must be 127.0.0.1 or ::1. Every run is bounded by -d / -H.
  */
@@ -40,6 +50,10 @@ typedef struct {
     char *out; size_t out_len, out_off, out_cap;
     uint64_t opened_at;
     uint64_t pushes;
+    int target;             /* index into targets[] */
+    int role;               /* 0 echo/idle, 1 subscriber, 2 publisher */
+    int ready;              /* subscriber: the server said it is subscribed */
+    uint64_t received;      /* subscriber: messages received */
 } conn_t;
 
 static uint64_t now_ns(void) {
@@ -76,11 +90,12 @@ static double hist_pct(double p) {
 
 /* ---- server figures from /proc ---- */
 static int npids; static int pids[16];
-static long long server_cpu_ticks(void) {
+static int nbpids; static int bpids[16];
+static long long cpu_ticks_of(const int *list, int count) {
     long long total = 0;
-    for (int i = 0; i < npids; i++) {
+    for (int i = 0; i < count; i++) {
         char path[64], buf[4096];
-        snprintf(path, sizeof path, "/proc/%d/stat", pids[i]);
+        snprintf(path, sizeof path, "/proc/%d/stat", list[i]);
         FILE *f = fopen(path, "r");
         if (!f) continue;
         size_t n = fread(buf, 1, sizeof buf - 1, f);
@@ -95,6 +110,8 @@ static long long server_cpu_ticks(void) {
     }
     return total;
 }
+static long long server_cpu_ticks(void) { return cpu_ticks_of(pids, npids); }
+static long long backend_cpu_ticks(void) { return cpu_ticks_of(bpids, nbpids); }
 static long long server_rss_kb(void) {
     long long total = 0;
     for (int i = 0; i < npids; i++) {
@@ -110,11 +127,14 @@ static long long server_rss_kb(void) {
 }
 
 /* ---- options ---- */
-static int C = 50, P = 1, S = 16, idle_mode = 0;
+static int C = 50, P = 1, S = 16, idle_mode = 0, fanout_mode = 0;
 static double duration = 5, warmup = 1, hold = 12, period = 0;
+static uint64_t fan_n = 2000, fan_warm = 200;
 static const char *prefix = "Message received: ";
-static char host[64] = "127.0.0.1", path[256] = "/ws";
-static int port;
+typedef struct { char host[64]; char path[256]; int port; } target_t;
+#define MAX_TARGETS 8
+static target_t targets[MAX_TARGETS];
+static int ntargets;
 
 static void die(const char *m) { perror(m); exit(2); }
 
@@ -173,6 +193,72 @@ static void flush_out(conn_t *c) {
     epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev);
 }
 
+
+/* ---- fanout ---- */
+static conn_t *publisher;
+static uint64_t fan_total;          /* fan_warm + fan_n */
+static uint64_t completed;          /* every message below this one reached every subscriber */
+static uint32_t *fan_counts;        /* ring of P: subscribers that received message seq */
+static int ready_count;
+static uint64_t fan_t0, fan_t1;
+static long long fan_cpu0, fan_cpu1, fan_bcpu0, fan_bcpu1;
+static uint64_t *pub_sent_at;       /* ring of P: when message seq was published */
+static void flush_out(conn_t *c);
+static void queue_message(conn_t *c, uint64_t t);
+
+static uint64_t parse_seq(const char *p, size_t n) {
+    uint64_t v = 0;
+    for (size_t i = 0; i < n && p[i] >= '0' && p[i] <= '9'; i++) v = v * 10 + (uint64_t)(p[i] - '0');
+    return v;
+}
+
+static void fan_pump(uint64_t t) {
+    conn_t *c = publisher;
+    if (!c || c->state != 1 || ready_count < C) return;
+    int queued = 0;
+    while (c->next_seq < fan_total && c->next_seq < completed + (uint64_t)P) {
+        pub_sent_at[c->next_seq % (uint64_t)P] = t;
+        queue_message(c, t);
+        queued = 1;
+    }
+    if (queued) flush_out(c);
+}
+
+static void on_fanout_frame(conn_t *c, const char *p, size_t n, uint64_t t) {
+    if (c->role != 1) return;  /* the publisher is not subscribed: ignore anything it gets */
+    if (!c->ready) {
+        if (n == 5 && memcmp(p, "ready", 5) == 0) { c->ready = 1; ready_count++; fan_pump(t); }
+        else mismatches++;
+        return;
+    }
+    if (!publisher) { mismatches++; return; }  /* nothing was published yet */
+    char expect[64];
+    payload_of(c->next_reply, expect);
+    uint64_t seq = c->next_reply;
+    if (n != (size_t)S || memcmp(p, expect, (size_t)S) != 0) {
+        mismatches++;   /* lost, duplicated, reordered or garbled: count it where it says it belongs */
+        seq = parse_seq(p, n);
+        if (seq < completed || seq >= publisher->next_seq) return;
+        c->next_reply = seq;
+    }
+    c->next_reply++;
+    c->received++;
+    if (measuring) { messages++; hist_add(t - pub_sent_at[seq % (uint64_t)P]); }
+    uint32_t *slot = &fan_counts[seq % (uint64_t)P];
+    if (++*slot < (uint32_t)C || seq != completed) return;
+    while (completed < publisher->next_seq && fan_counts[completed % (uint64_t)P] >= (uint32_t)C) {
+        fan_counts[completed % (uint64_t)P] = 0;
+        completed++;
+        if (completed == fan_warm) {
+            measuring = 1; fan_t0 = now_ns(); fan_cpu0 = server_cpu_ticks(); fan_bcpu0 = backend_cpu_ticks();
+        }
+        if (completed == fan_total) {
+            measuring = 0; fan_t1 = now_ns(); fan_cpu1 = server_cpu_ticks(); fan_bcpu1 = backend_cpu_ticks();
+        }
+    }
+    fan_pump(t);
+}
+
 static void on_frame(conn_t *c, int opcode, const char *p, size_t n, uint64_t t) {
     if (opcode == 0x9) {  /* ping: answer */
         uint8_t hdr[6] = {0x8A, (uint8_t)(0x80 | n), 0, 0, 0, 0};
@@ -183,6 +269,7 @@ static void on_frame(conn_t *c, int opcode, const char *p, size_t n, uint64_t t)
     }
     if (opcode == 0x8) { c->state = 2; errors++; return; }
     if (opcode != 0x1) return;
+    if (fanout_mode) { on_fanout_frame(c, p, n, t); return; }
     if (idle_mode) {
         c->pushes++; pushes_total++;
         if (period > 0) {
@@ -221,7 +308,8 @@ static void on_readable(conn_t *c) {
         off = (size_t)(end - c->in) + 4;
         c->state = 1;
         c->opened_at = t;
-        if (!idle_mode) for (int i = 0; i < P; i++) queue_message(c, t);
+        if (fanout_mode) { if (c->role == 2) fan_pump(t); }
+        else if (!idle_mode) for (int i = 0; i < P; i++) queue_message(c, t);
     }
     while (c->in_len - off >= 2) {
         uint8_t b0 = (uint8_t)c->in[off], b1 = (uint8_t)c->in[off + 1];
@@ -238,8 +326,15 @@ static void on_readable(conn_t *c) {
     flush_out(c);
 }
 
-static conn_t *open_conn(void) {
+static conn_t *open_conn(int target, int role) {
     conn_t *c = calloc(1, sizeof *c);
+    c->target = target;
+    c->role = role;
+    const char *host = targets[target].host;
+    int port = targets[target].port;
+    char path[300];
+    const char *suffix = role == 1 ? "role=sub" : role == 2 ? "role=pub" : "";
+    snprintf(path, sizeof path, "%s%s%s", targets[target].path, *suffix ? (strchr(targets[target].path, '?') ? "&" : "?") : "", suffix);
     c->sent_at = calloc((size_t)P, sizeof(uint64_t));
     int v6 = strchr(host, ':') != NULL;
     c->fd = socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
@@ -268,10 +363,11 @@ static conn_t *open_conn(void) {
     return c;
 }
 
+static int (*stop_when)(void);
 static void run_loop(conn_t **conns, double seconds) {
     struct epoll_event evs[512];
     uint64_t end = now_ns() + (uint64_t)(seconds * 1e9);
-    while (now_ns() < end) {
+    while (now_ns() < end && !(stop_when && stop_when())) {
         int n = epoll_wait(epfd, evs, 512, 50);
         for (int i = 0; i < n; i++) {
             conn_t *c = evs[i].data.ptr;
@@ -285,8 +381,94 @@ static void run_loop(conn_t **conns, double seconds) {
     (void)conns;
 }
 
+static void parse_pids(const char *v, int *list, int *count) {
+    char *copy = strdup(v), *save = NULL;
+    for (char *t = strtok_r(copy, ",", &save); t && *count < 16; t = strtok_r(NULL, ",", &save)) list[(*count)++] = atoi(t);
+    free(copy);
+}
+
+static int add_target(const char *url) {
+    if (ntargets == MAX_TARGETS) { fprintf(stderr, "at most %d URLs\n", MAX_TARGETS); return -1; }
+    target_t *tg = &targets[ntargets];
+    const char *h = url + 5, *colon;
+    if (*h == '[') {
+        const char *e = strchr(h, ']');
+        if (!e) return -1;
+        snprintf(tg->host, sizeof tg->host, "%.*s", (int)(e - h - 1), h + 1); colon = e + 1;
+    } else {
+        colon = strchr(h, ':');
+        if (!colon) return -1;
+        snprintf(tg->host, sizeof tg->host, "%.*s", (int)(colon - h), h);
+    }
+    tg->port = atoi(colon + 1);
+    snprintf(tg->path, sizeof tg->path, "/ws");
+    const char *slash = strchr(colon, '/');
+    if (slash) snprintf(tg->path, sizeof tg->path, "%s", slash);
+    if (strcmp(tg->host, "127.0.0.1") && strcmp(tg->host, "::1") && strcmp(tg->host, "localhost")) { fprintf(stderr, "loopback only\n"); return -1; }
+    if (!strcmp(tg->host, "localhost")) strcpy(tg->host, "127.0.0.1");
+    ntargets++;
+    return 0;
+}
+
+static int fan_all_ready(void) { return ready_count == C && publisher->state == 1; }
+static int fan_done(void) { return completed == fan_total || publisher->state == 2; }
+
+static int run_fanout(void) {
+    fan_total = fan_warm + fan_n;
+    fan_counts = calloc((size_t)P, sizeof *fan_counts);
+    pub_sent_at = calloc((size_t)P, sizeof *pub_sent_at);
+    conn_t **subs = calloc((size_t)C, sizeof *subs);
+    for (int i = 0; i < C; i++) {
+        subs[i] = open_conn(i % ntargets, 1);
+        if (i % 200 == 199) run_loop(subs, 0.01);  /* let handshakes through */
+    }
+    stop_when = fan_all_ready;
+    publisher = open_conn(0, 2);
+    run_loop(subs, 20);
+    int ready = ready_count, pub_open = publisher->state == 1;
+    stop_when = fan_done;
+    if (ready == C && pub_open) {
+        fan_pump(now_ns());
+        run_loop(subs, duration);  /* ends at W + N messages received by all, or at -d */
+    }
+    stop_when = NULL;
+    run_loop(subs, 0.2);  /* anything late (a duplicate) still counts as a mismatch */
+    int complete = 0, open = 0;
+    uint64_t delivered = 0;
+    for (int i = 0; i < C; i++) {
+        complete += subs[i]->received == fan_total;
+        open += subs[i]->state == 1;
+        delivered += subs[i]->received;
+    }
+    int finished = completed == fan_total;
+    double secs = finished ? (double)(fan_t1 - fan_t0) / 1e9 : 0;
+    double tick_us = 1e6 / (double)sysconf(_SC_CLK_TCK);
+    double cpu_us = finished && npids ? (double)(fan_cpu1 - fan_cpu0) * tick_us : 0;
+    double bcpu_us = finished && nbpids ? (double)(fan_bcpu1 - fan_bcpu0) * tick_us : 0;
+    char bper[32] = "null", bpct[32] = "null";
+    if (nbpids && messages && secs > 0) {
+        snprintf(bper, sizeof bper, "%.3f", bcpu_us / (double)messages);
+        snprintf(bpct, sizeof bpct, "%.1f", bcpu_us / (secs * 1e6) * 100);
+    }
+    printf("{\"mode\":\"fanout\",\"subscribers\":%d,\"ready\":%d,\"open\":%d,\"window\":%d,\"size\":%d,"
+           "\"warmup_messages\":%llu,\"messages\":%llu,\"published\":%llu,\"finished\":%s,\"seconds\":%.3f,"
+           "\"deliveries\":%llu,\"deliveries_expected\":%llu,\"subscribers_complete\":%d,"
+           "\"measured_deliveries\":%llu,\"delivered_per_s\":%.0f,\"published_per_s\":%.0f,"
+           "\"p50_us\":%.0f,\"p99_us\":%.0f,\"p999_us\":%.0f,\"errors\":%llu,\"mismatches\":%llu,"
+           "\"server_cpu_us_per_delivery\":%.3f,\"server_cpu_percent\":%.1f,"
+           "\"backend_cpu_us_per_delivery\":%s,\"backend_cpu_percent\":%s}\n",
+           C, ready, open, P, S, (unsigned long long)fan_warm, (unsigned long long)fan_n,
+           (unsigned long long)(publisher ? publisher->next_seq : 0), finished ? "true" : "false", secs,
+           (unsigned long long)delivered, (unsigned long long)(fan_total * (uint64_t)C), complete,
+           (unsigned long long)messages, secs > 0 ? (double)messages / secs : 0, secs > 0 ? (double)fan_n / secs : 0,
+           hist_pct(50) / 1e3, hist_pct(99) / 1e3, hist_pct(99.9) / 1e3,
+           (unsigned long long)errors, (unsigned long long)mismatches,
+           messages ? cpu_us / (double)messages : 0, secs > 0 ? cpu_us / (secs * 1e6) * 100 : 0,
+           bper, bpct);
+    return errors || mismatches || !finished || complete != C ? 1 : 0;
+}
+
 int main(int argc, char **argv) {
-    const char *url = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : "";
@@ -297,33 +479,30 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-w")) { warmup = atof(v); i++; }
         else if (!strcmp(a, "-H")) { hold = atof(v); i++; }
         else if (!strcmp(a, "-e")) { period = atof(v); i++; }
-        else if (!strcmp(a, "-m")) { idle_mode = !strcmp(v, "idle"); i++; }
+        else if (!strcmp(a, "-n")) { fan_n = strtoull(v, NULL, 10); i++; }
+        else if (!strcmp(a, "-W")) { fan_warm = strtoull(v, NULL, 10); i++; }
+        else if (!strcmp(a, "-m")) { idle_mode = !strcmp(v, "idle"); fanout_mode = !strcmp(v, "fanout"); i++; }
         else if (!strcmp(a, "--prefix")) { prefix = v; i++; }
-        else if (!strcmp(a, "-P")) {
-            char *list = strdup(v), *save = NULL;
-            for (char *t = strtok_r(list, ",", &save); t && npids < 16; t = strtok_r(NULL, ",", &save)) pids[npids++] = atoi(t);
-            i++;
-        }
-        else if (!strncmp(a, "ws://", 5)) url = a;
+        else if (!strcmp(a, "-P")) { parse_pids(v, pids, &npids); i++; }
+        else if (!strcmp(a, "-B")) { parse_pids(v, bpids, &nbpids); i++; }
+        else if (!strncmp(a, "ws://", 5)) { if (add_target(a)) return 2; }
         else { fprintf(stderr, "unknown argument %s\n", a); return 2; }
     }
-    if (!url) { fprintf(stderr, "usage: wsbench [-c conns] [-p depth] [-s bytes] [-d secs] [-w secs] [-m echo|idle] [-H secs] [-e period] [--prefix P] [-P pid,pid] ws://127.0.0.1:PORT/PATH\n"); return 2; }
+    if (!ntargets) {
+        fprintf(stderr, "usage: wsbench [-c conns] [-p depth] [-s bytes] [-d secs] [-w secs] [-m echo|idle|fanout] [-H secs] [-e period]\n"
+                        "               [-n messages] [-W warm-up messages] [--prefix P] [-P pid,pid] [-B pid,pid] ws://127.0.0.1:PORT/PATH [ws://...]\n");
+        return 2;
+    }
     if (S < 1 || S > (1 << 17) - 64 || C < 1 || P < 1) { fprintf(stderr, "bad sizes\n"); return 2; }
-    const char *h = url + 5, *colon;
-    if (*h == '[') { const char *e = strchr(h, ']'); snprintf(host, sizeof host, "%.*s", (int)(e - h - 1), h + 1); colon = e + 1; }
-    else { colon = strchr(h, ':'); snprintf(host, sizeof host, "%.*s", (int)(colon - h), h); }
-    port = atoi(colon + 1);
-    const char *slash = strchr(colon, '/');
-    if (slash) snprintf(path, sizeof path, "%s", slash);
-    if (strcmp(host, "127.0.0.1") && strcmp(host, "::1") && strcmp(host, "localhost")) { fprintf(stderr, "loopback only\n"); return 2; }
-    if (!strcmp(host, "localhost")) strcpy(host, "127.0.0.1");
+    if (fanout_mode && (S > 60 || fan_n < 1)) { fprintf(stderr, "fanout: -s at most 60, -n at least 1\n"); return 2; }
 
     struct rlimit rl; getrlimit(RLIMIT_NOFILE, &rl); rl.rlim_cur = rl.rlim_max; setrlimit(RLIMIT_NOFILE, &rl);
     epfd = epoll_create1(0);
+    if (fanout_mode) return run_fanout();
     long long rss_before = server_rss_kb();
     conn_t **conns = calloc((size_t)C, sizeof *conns);
     for (int i = 0; i < C; i++) {
-        conns[i] = open_conn();
+        conns[i] = open_conn(i % ntargets, 0);
         if (idle_mode && i % 200 == 199) run_loop(conns, 0.01);  /* let handshakes through */
     }
     if (idle_mode) {
@@ -339,21 +518,25 @@ int main(int argc, char **argv) {
     }
     run_loop(conns, warmup);
     measuring = 1;
-    long long cpu0 = server_cpu_ticks();
+    long long cpu0 = server_cpu_ticks(), bcpu0 = backend_cpu_ticks();
     uint64_t t0 = now_ns();
     run_loop(conns, duration);
     uint64_t t1 = now_ns();
-    long long cpu1 = server_cpu_ticks();
+    long long cpu1 = server_cpu_ticks(), bcpu1 = backend_cpu_ticks();
     measuring = 0;
     double secs = (double)(t1 - t0) / 1e9;
     double tick_us = 1e6 / (double)sysconf(_SC_CLK_TCK);
     double cpu_us = npids ? (double)(cpu1 - cpu0) * tick_us : 0;
+    double bcpu_us = (double)(bcpu1 - bcpu0) * tick_us;
+    char backend[96] = "";
+    if (nbpids) snprintf(backend, sizeof backend, ",\"backend_cpu_us_per_msg\":%.3f,\"backend_cpu_percent\":%.1f",
+                         messages ? bcpu_us / (double)messages : 0, bcpu_us / (secs * 1e6) * 100);
     printf("{\"mode\":\"echo\",\"connections\":%d,\"depth\":%d,\"size\":%d,\"seconds\":%.2f,\"messages\":%llu,"
            "\"msg_per_s\":%.0f,\"p50_us\":%.0f,\"p99_us\":%.0f,\"p999_us\":%.0f,\"errors\":%llu,\"mismatches\":%llu,"
-           "\"server_cpu_us_per_msg\":%.3f,\"server_cpu_percent\":%.1f}\n",
+           "\"server_cpu_us_per_msg\":%.3f,\"server_cpu_percent\":%.1f%s}\n",
            C, P, S, secs, (unsigned long long)messages, (double)messages / secs,
            hist_pct(50) / 1e3, hist_pct(99) / 1e3, hist_pct(99.9) / 1e3,
            (unsigned long long)errors, (unsigned long long)mismatches,
-           messages ? cpu_us / (double)messages : 0, cpu_us / (secs * 1e6) * 100);
+           messages ? cpu_us / (double)messages : 0, cpu_us / (secs * 1e6) * 100, backend);
     return errors || mismatches ? 1 : 0;
 }
