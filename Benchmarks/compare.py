@@ -10,7 +10,11 @@ messages/s, latency percentiles, and the server's CPU time per message read from
 --io: only the loads of hooks that wait (luaws alone): luaws.sleep(0), luaws.http.request to a
 local nginx, and fan-out to 1,000 subscribers over 2 processes with --cluster on a local
 redis-server, beside one process without Redis and redis-benchmark's PUBLISH rate. The full
-run (without --quick) ends with them too."""
+run (without --quick) ends with them too.
+--tls: only the saturating 16-byte echo over wss, luaws (1 event loop, default scripts, serving
+TLS itself with --tls-cert/--tls-key) against nginx + ngx_lua (1 worker, nginx terminating TLS),
+beside the same two over plain ws. wsbench speaks plain ws to a socat TLS client proxy (one
+process per connection) that speaks TLS to the server; only the server's CPU is counted."""
 import json
 import os
 import resource
@@ -32,6 +36,7 @@ REPEAT = int(os.environ.get("REPEAT", "3"))
 QUICK = "--quick" in sys.argv
 FULL = "--full" in sys.argv
 IO_ONLY = "--io" in sys.argv
+TLS_ONLY = "--tls" in sys.argv
 # Fan-out: messages published per run (each reaches every subscriber), after FANOUT_WARMUP.
 FANOUT_MESSAGES = int(os.environ.get("FANOUT_MESSAGES", "1000"))
 FANOUT_WARMUP = int(os.environ.get("FANOUT_WARMUP", "100"))
@@ -82,18 +87,26 @@ class Peer:
             self.proc.wait()
 
 
-def nginx_peer():
+def nginx_peer(tls=None):
+    """nginx + ngx_lua; with tls=(cert, key), its listener terminates TLS with that PEM pair."""
     conf_dir = Path(tempfile.mkdtemp(prefix="luaws-nginx-"))
     conf_dir.chmod(0o755)  # nginx workers run as an unprivileged user
     (conf_dir / "ws_echo.lua").write_text((ROOT / "Benchmarks/peers/nginx/ws_echo.lua").read_text())
     template = (ROOT / "Benchmarks/peers/nginx/nginx.conf.in").read_text().replace("@DIR@", str(conf_dir))
+    if tls:
+        listen = "listen 127.0.0.1:@PORT@;"
+        assert listen in template
+        template = template.replace(listen, f"listen 127.0.0.1:@PORT@ ssl;\n    ssl_certificate {tls[0]};\n"
+                                            f"    ssl_certificate_key {tls[1]};\n"
+                                            # nginx before 1.23.4 offers TLS 1.3 only when asked
+                                            f"    ssl_protocols TLSv1.2 TLSv1.3;")
     (conf_dir / "nginx.conf.in").write_text(template)
 
     class NginxPeer(Peer):
         def start(self, port):
             (conf_dir / "nginx.conf").write_text(template.replace("@PORT@", str(port)))
             super().start(port)
-    return NginxPeer("nginx + ngx_lua (Lua loop), 1 worker",
+    return NginxPeer("nginx + ngx_lua (Lua loop), 1 worker" + (", nginx terminating TLS" if tls else ""),
                      ["nginx", "-p", "/usr/share/nginx", "-c", str(conf_dir / "nginx.conf")], children=True)
 
 
@@ -445,10 +458,122 @@ def print_io(results):
     print("```")
 
 
+# ---------------------------------------------------------------- wss (--tls)
+
+def self_signed_pair():
+    """A throw-away self-signed RSA 2048 certificate and key (PEM) for 127.0.0.1, in a temp dir."""
+    d = Path(tempfile.mkdtemp(prefix="luaws-tls-"))
+    d.chmod(0o755)
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    key.chmod(0o644)  # nginx reads it as root, but keep it simple for any user
+    return cert, key
+
+
+class TlsProxied(Peer):
+    """A TLS server behind a socat TLS client proxy: wsbench connects in plain ws to `port`, where
+    socat (one forked process per connection) opens a TLS connection to the server on a port of its
+    own. pids() and proc are the server's alone, so the proxy's CPU is never counted."""
+
+    def __init__(self, server):
+        super().__init__(server.name, server.argv)
+        self.server = server
+
+    def start(self, port):
+        self.server_port = free_port()
+        self.server.start(self.server_port)
+        self.proc = self.server.proc
+        self.proxy = subprocess.Popen(
+            ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,nodelay",
+             f"OPENSSL:127.0.0.1:{self.server_port},verify=0,nodelay"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_port(port)
+        time.sleep(0.3)
+
+    def pids(self):
+        return self.server.pids()
+
+    def stop(self):
+        try:
+            os.killpg(self.proxy.pid, 15)  # socat and the children it forked: its own session
+        except ProcessLookupError:
+            pass
+        try:
+            self.proxy.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proxy.pid, 9)
+            self.proxy.wait()
+        self.server.stop()
+
+    def negotiated(self):
+        """Protocol and cipher the server picks for an OpenSSL client (openssl s_client)."""
+        out = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{self.server_port}"],
+                             input="", capture_output=True, text=True, timeout=20).stdout
+        for line in out.splitlines():
+            if line.startswith("New, "):
+                return line.strip()
+        return "?"
+
+
+def run_tls(d):
+    cert, key = self_signed_pair()
+    luaws_args = PEERS["luaws"].argv
+    servers = start_all({
+        "luaws-tls": TlsProxied(Peer("luaws, default Lua scripts, 1 event loop, wss (luaws terminating TLS)",
+                                     [*luaws_args, "--tls-cert", str(cert), "--tls-key", str(key)])),
+        "nginx-tls": TlsProxied(nginx_peer(tls=(cert, key))),
+        "luaws": Peer("luaws, default Lua scripts, 1 event loop, plain ws", luaws_args),
+        "nginx": nginx_peer(),
+    })
+    try:
+        ciphers = {k: servers[k][0].negotiated() for k in ("luaws-tls", "nginx-tls")}
+        print("-- tls: saturating 50x16 in flight, 16 B", file=sys.stderr, flush=True)
+        results = interleaved(servers, [*SATURATING, "-d", d])
+    finally:
+        stop_all(servers)
+    for key, c in ciphers.items():
+        results[key]["negotiated"] = c
+    titles = {"luaws-tls": "luaws, 1 event loop, default scripts", "nginx-tls": "nginx + ngx_lua, 1 worker",
+              "luaws": "luaws, 1 event loop, default scripts", "nginx": "nginx + ngx_lua, 1 worker"}
+    return results, titles
+
+
+def print_tls(results, titles):
+    print(f"\n## wss: luaws against nginx + ngx_lua terminating TLS — {time.strftime('%Y-%m-%d')}, "
+          f"{os.cpu_count()} cores, loopback, saturating 50×16 in flight, 16 B, {DURATION:g} s per run after 1 s "
+          f"warm-up, median of {REPEAT} runs by server CPU per message (the four servers ran side by side, "
+          f"the runs alternating between them)\n")
+    print("Over TLS, wsbench speaks plain ws to a `socat` TLS client proxy (one process per connection, "
+          "`OPENSSL:…,verify=0`) which speaks TLS to the server: only the server's CPU is counted "
+          "(its PIDs, from /proc), never the proxy's, but the proxy shares the 2 cores with the server and bounds "
+          "msg/s, so compare server CPU per message first. Self-signed RSA 2048 certificate. "
+          "Negotiated with an OpenSSL client: " + "; ".join(
+              f"{titles[k].split(',')[0]}: {results[k].get('negotiated', '?')}" for k in ("luaws-tls", "nginx-tls")) +
+          ".\n")
+    print("| server | transport | msg/s | server CPU µs/msg | p50 µs | p99 µs | errors |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for key, transport in [("luaws-tls", "wss (TLS in luaws)"), ("nginx-tls", "wss (TLS in nginx)"),
+                           ("luaws", "ws"), ("nginx", "ws")]:
+        r = results[key]
+        print(f"| {titles[key]} | {transport} | {fmt(r, 'msg_per_s')} | {fmt(r, 'server_cpu_us_per_msg', 2)} | "
+              f"{fmt(r, 'p50_us')} | {fmt(r, 'p99_us')} | {errs_of(r)} |")
+    print(f"\nTLS's price in server CPU per message: luaws "
+          f"{diff(results['luaws'], results['luaws-tls'], 'server_cpu_us_per_msg')} µs, nginx + ngx_lua "
+          f"{diff(results['nginx'], results['nginx-tls'], 'server_cpu_us_per_msg')} µs.\n")
+    print("Raw results (JSON):\n")
+    print("```")
+    print(json.dumps(results, indent=None))
+    print("```")
+
+
 def main():
     d = str(DURATION)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 1,000 subscribers and more
+    if TLS_ONLY:
+        print_tls(*run_tls(d))
+        return
     if IO_ONLY:
         print_io(run_io(d))
         return

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The side-by-side benchmark, one command from a clean clone:
-#   Benchmarks/compare.sh [--quick] [--full] [--io]
-# Installs the peers (Debian: nginx + ngx_lua + lua-resty-core, node-ws, redis-server; PyPI into a venv:
+#   Benchmarks/compare.sh [--quick] [--full] [--io] [--tls]
+# Installs the peers (Debian: nginx + ngx_lua + lua-resty-core, node-ws, redis-server, socat, openssl; PyPI into a venv:
 # fastapi, uvicorn with uvloop/httptools/websockets), builds luaws in release mode and wsbench,
 # then runs the same loads against each server in turn on loopback and prints a Markdown table.
 # --quick: only the two 16-byte loads. --full: also 19,000 idle connections with the 10 s push.
@@ -10,13 +10,16 @@
 # process without Redis and redis-benchmark's PUBLISH rate); the run without --quick ends with them.
 # FANOUT_MESSAGES=N (default 1000, each to all 1,000 subscribers) and FANOUT_WARMUP=N (100) size
 # each fan-out run; a run ends after them or after 30 s.
+# --tls: only the saturating 16-byte echo over wss: luaws (1 event loop, TLS with --tls-cert/--tls-key)
+# against nginx + ngx_lua (1 worker, nginx terminating TLS), and both over plain ws for reference;
+# wsbench reaches the TLS servers through a socat TLS client proxy whose CPU is not counted.
 # DURATION=SECONDS sets the measured window of each load (default 5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash dev/setup.sh
 SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
 need=()
-for p in nginx libnginx-mod-http-lua lua-resty-core node-ws redis-server redis-tools gcc; do
+for p in nginx libnginx-mod-http-lua lua-resty-core node-ws redis-server redis-tools gcc socat openssl; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if [[ ${#need[@]} -gt 0 ]]; then
