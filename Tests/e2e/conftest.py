@@ -98,3 +98,44 @@ def server(start_server):
     """The default scripts and page, with the idle push shortened to 0.5 s."""
     return start_server("--scripts", str(ROOT / "scripts"), "--public", str(ROOT / "public"),
                         "--var", "time_interval=0.5")
+
+
+# ---------------------------------------------------------------- helpers shared by the test files
+
+def run(coro, timeout=60):
+    """Runs a coroutine to completion, bounded in time."""
+    import asyncio
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def write(folder, files):
+    """Writes {name: text} into `folder` (made if needed) and returns it: a scripts folder."""
+    folder.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+def replace(path, text):
+    """Writes like an editor that saves through a temporary file and a rename."""
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def status(server):
+    """/luaws/status from the server's admin listener, as JSON."""
+    import json
+    import urllib.request
+    with urllib.request.urlopen(server.admin + "/luaws/status", timeout=5) as r:
+        return json.loads(r.read())
+
+
+def wait_until(predicate, timeout=5):
+    """Polls `predicate` every 50 ms for at most `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import websockets
+from conftest import write
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,13 +65,6 @@ def redis():
     server = Redis()
     yield server
     server.stop()
-
-
-def write(folder, files):
-    folder.mkdir(exist_ok=True)
-    for name, text in files.items():
-        (folder / name).write_text(text)
-    return folder
 
 
 PUBSUB = """

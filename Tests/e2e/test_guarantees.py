@@ -12,40 +12,9 @@ from pathlib import Path
 import websockets
 
 from conftest import BINARY
+from conftest import replace, run, status, wait_until, write
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
-
-
-def write(folder, files):
-    folder.mkdir(exist_ok=True)
-    for name, text in files.items():
-        (folder / name).write_text(text)
-    return folder
-
-
-def replace(path, text):
-    """Writes like an editor that saves through a temporary file and a rename."""
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def status(server):
-    with urllib.request.urlopen(server.admin + "/luaws/status", timeout=5) as r:
-        return json.loads(r.read())
-
-
-def wait_until(predicate, timeout=5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_a_client_chosen_number_cannot_abort_the_process(tmp_path, start_server):

@@ -18,6 +18,7 @@ import websockets
 
 from conftest import BINARY
 from test_cluster import Redis
+from conftest import write
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -25,13 +26,6 @@ KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
 def run(coro, timeout=60):
     return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-def write(folder, files):
-    folder.mkdir(exist_ok=True)
-    for name, text in files.items():
-        (folder / name).write_text(text)
-    return folder
 
 
 def raw(port, data, wait=1.0):

@@ -8,10 +8,7 @@ import pytest
 import websockets
 
 from rawws import RawClient
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
+from conftest import run
 
 
 def status_line(port, request):

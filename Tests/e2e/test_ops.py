@@ -18,10 +18,7 @@ import websockets
 
 from conftest import BINARY, ROOT
 from rawws import RawClient
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
+from conftest import run
 
 
 def openssl(*args, cwd):

@@ -10,27 +10,10 @@ from pathlib import Path
 
 import pytest
 import websockets
+from conftest import replace, run, status, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 ECHO_V2 = 'return { on_message = function(conn, msg) conn:send("v2: " .. msg) end }\n'
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
-
-
-def status(server):
-    with urllib.request.urlopen(server.admin + "/luaws/status", timeout=5) as r:
-        return json.loads(r.read())
-
-
-def wait_until(predicate, timeout=5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture
@@ -38,13 +21,6 @@ def scripts(tmp_path):
     folder = tmp_path / "scripts"
     shutil.copytree(ROOT / "scripts", folder, ignore=shutil.ignore_patterns("examples"))
     return folder
-
-
-def replace(path, text):
-    """Writes like an editor that saves through a temporary file and a rename."""
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def test_edit_bad_edit_fix_delete_and_restore_while_connected(scripts, start_server):

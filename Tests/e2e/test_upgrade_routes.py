@@ -12,19 +12,9 @@ from pathlib import Path
 
 import pytest
 import websockets
+from conftest import run, write
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
-
-
-def write(folder, files):
-    folder.mkdir(exist_ok=True)
-    for name, text in files.items():
-        (folder / name).write_text(text)
-    return folder
 
 
 @pytest.fixture

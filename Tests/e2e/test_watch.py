@@ -10,22 +10,9 @@ from pathlib import Path
 
 import pytest
 import websockets
+from conftest import status, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def status(server):
-    with urllib.request.urlopen(server.admin + "/luaws/status", timeout=5) as r:
-        return json.loads(r.read())
-
-
-def wait_until(predicate, timeout=5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def ask(server, text):
