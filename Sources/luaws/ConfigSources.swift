@@ -104,6 +104,10 @@ struct ConfigSources {
     let environment: [String: Setting]
     /// What the command line gives, in order (flags: "true"/"false").
     let commandLine: [String: [String]]
+    /// LUAWS_* variables that are no option's: shown by `luaws config`, since a misspelt one is
+    /// otherwise silently without effect (they cannot stop the server: LUAWS_BIN and the like
+    /// may belong to other tools).
+    let unknownVariables: [String]
 
     init(arguments: [String], environment variables: [String: String], specs: [OptionSpec] = OptionCatalog.serve) throws {
         self.specs = specs
@@ -142,6 +146,8 @@ struct ConfigSources {
         configFile = configOnCommandLine ?? (empty ? nil : variables["LUAWS_CONFIG"])
         file = try configFile.map { try Self.readFile($0, specs: byName) } ?? [:]
         environment = try Self.readEnvironment(variables, specs: specs)
+        let known = Set(specs.map(\.environmentName) + ["LUAWS_CONFIG"])
+        unknownVariables = variables.keys.filter { $0.hasPrefix("LUAWS_") && !known.contains($0) }.sorted()
     }
 
     /// The arguments that carry the file's and the environment's settings, to go before the
@@ -359,6 +365,9 @@ struct ConfigSources {
     func effectiveLines() -> [String] {
         var lines = ["# luaws: effective configuration (command line > environment LUAWS_* > file > default)",
                      "# config file: \(configFile ?? "none")"]
+        if !unknownVariables.isEmpty {
+            lines.append("# ignored, no such option: \(unknownVariables.joined(separator: " "))")
+        }
         let width = (specs.map(\.name.count).max() ?? 0) + 3
         for spec in specs {
             let values: [String]?
@@ -429,9 +438,10 @@ struct ConfigSources {
         switch option {
         case "redis":
             guard let scheme = value.range(of: "://") else { return value }
-            let authority = value[scheme.upperBound...].prefix { $0 != "/" }
-            guard let at = authority.lastIndex(of: "@") else { return value }
-            let userInfo = authority[..<at]
+            // As RedisURL reads it: the user information ends at the last "@" (a password may
+            // hold "/" or "@").
+            guard let at = value[scheme.upperBound...].lastIndex(of: "@") else { return value }
+            let userInfo = value[scheme.upperBound..<at]
             let user = userInfo.firstIndex(of: ":").map { userInfo[..<$0] + ":" } ?? ""
             return String(value[..<scheme.upperBound]) + user + "****" + String(value[at...])
         case "var":

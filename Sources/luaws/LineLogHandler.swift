@@ -130,17 +130,12 @@ struct LineLogHandler: LogHandler {
             case "\r": out += "\\r"
             case "\t": out += "\\t"
             case _ where scalar.value < 0x20:
-                out += "\\u00" + String(String(scalar.value, radix: 16).leftPadded(to: 2))
+                let hex = String(scalar.value, radix: 16)
+                out += (hex.count < 2 ? "\\u000" : "\\u00") + hex
             default:
                 out.unicodeScalars.append(scalar)
             }
         }
         out += "\""
-    }
-}
-
-extension String {
-    fileprivate func leftPadded(to width: Int) -> String {
-        count >= width ? self : String(repeating: "0", count: width - count) + self
     }
 }

@@ -231,6 +231,9 @@ var = ["API_KEY=k3y", "db_password=pw1", "plain=visible"]
     assert table["redis"] == ('"redis://:****@127.0.0.1:6379/0"', "file")
     assert '"API_KEY=****"' in table["var"][0] and '"db_password=****"' in table["var"][0]
     assert '"SESSION_TOKEN=****"' in table["var"][0] and '"plain=visible"' in table["var"][0]
+    # A password may hold "/" and "@": the user information ends at the last "@".
+    table, out = effective(env={"LUAWS_REDIS": "redis://:a/b@c@127.0.0.1:6379"})
+    assert table["redis"] == ('"redis://:****@127.0.0.1:6379"', "env") and "a/b" not in out
     # A user name stays, the password goes.
     table, out = effective(env={"LUAWS_REDIS": "redis://app:s3cret@127.0.0.1:6379"})
     assert table["redis"] == ('"redis://app:****@127.0.0.1:6379"', "env") and "s3cret" not in out
@@ -252,7 +255,10 @@ def test_config_lists_every_option_with_its_source():
 def test_json_logs_parse_and_have_millisecond_timestamps(tmp_path, start_server):
     scripts = tmp_path / "scripts"
     scripts.mkdir()
-    (scripts / "echo.lua").write_text("return { on_message = function(conn, msg) conn:send(msg) end }\n")
+    # A log message with a quote, a backslash, a newline and a control character: still one line
+    # of valid JSON.
+    (scripts / "echo.lua").write_text(
+        'return { on_message = function(conn, msg) luaws.log("info", "say \\"" .. msg .. "\\"\\\\\\n\\1") conn:send(msg) end }\n')
     server = start_server("--scripts", str(scripts), "--log-format", "json")
     with websockets.sync.client.connect(server.url, open_timeout=5) as ws:
         ws.send("x")
@@ -266,6 +272,8 @@ def test_json_logs_parse_and_have_millisecond_timestamps(tmp_path, start_server)
         assert set(entry) == {"ts", "level", "label", "message", "metadata"}, entry
         assert re.fullmatch(TIMESTAMP_JSON, entry["ts"]), entry
         assert isinstance(entry["metadata"], dict)
+    said = [json.loads(line)["message"] for line in lines if "say " in line]
+    assert len(said) == 1 and said[0].endswith('say "x"\\\n\x01'), said
     access = [json.loads(line) for line in lines if "access id=" in line]
     assert access[0]["level"] == "info" and access[0]["label"] == "luaws"
 
@@ -275,3 +283,8 @@ def test_text_logs_have_millisecond_timestamps(tmp_path, start_server):
     assert server.wait_for_log(r"plugins: ")
     line = next(line for line in server.stderr.splitlines() if "plugins: " in line)
     assert re.match(TIMESTAMP_TEXT + r" info luaws: \[\w+\] plugins: ", line), line
+
+
+def test_config_shows_misspelt_variables():
+    _, out = effective(env={"LUAWS_MAX_CONECTIONS": "5"})
+    assert "# ignored, no such option: LUAWS_MAX_CONECTIONS" in out
