@@ -1,12 +1,14 @@
-"""nginx (Debian's package) in front of luaws, configured with the proxy directives of
-deploy/nginx-luaws.conf itself: echo and the idle push pass through, and with
---trust-proxy 127.0.0.1 luaws logs the client's address, not nginx's."""
+"""The deployment recipes in deploy/. nginx (Debian's package) in front of luaws, configured
+with the proxy directives of deploy/nginx-luaws.conf itself: echo and the idle push pass
+through, ws:// and wss:// with the whole recipe, and with --trust-proxy 127.0.0.1 luaws logs the
+client's address, not nginx's. The systemd unit passes systemd-analyze verify."""
 import base64
 import os
 import re
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import time
@@ -14,14 +16,14 @@ import time
 import pytest
 import websockets.sync.client
 
-from conftest import ROOT
+from conftest import BINARY, ROOT
 
 RECIPE = ROOT / "deploy" / "nginx-luaws.conf"
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 
 if NGINX is None and os.environ.get("CI"):
     raise RuntimeError("nginx is missing: dev/setup.sh --test installs it")
-pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx not installed (dev/setup.sh --test)")
+needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx not installed (dev/setup.sh --test)")
 
 
 def recipe_parts():
@@ -41,12 +43,13 @@ def free_port():
 
 
 class Nginx:
-    def __init__(self, tmp_path, upstream_port):
-        self.port = free_port()
-        self.dir = tmp_path / "nginx"
+    """nginx in the foreground with everything under tmp_path; `http` is the body of its http
+    block."""
+
+    def __init__(self, folder, http, port):
+        self.port = port
+        self.dir = folder
         self.dir.mkdir()
-        mapping, body = recipe_parts()
-        body = body.replace("proxy_pass http://luaws;", f"proxy_pass http://127.0.0.1:{upstream_port};")
         temp = "\n".join(f"    {kind}_temp_path {self.dir / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         # As root, workers would run as nobody, who cannot enter pytest's tmp_path.
         user = "user root;\n" if os.geteuid() == 0 else ""
@@ -58,13 +61,7 @@ events {{ worker_connections 64; }}
 http {{
     access_log {self.dir / 'access.log'};
 {temp}
-{mapping}
-    server {{
-        listen 127.0.0.1:{self.port};
-        location / {{
-{body}
-        }}
-    }}
+{http}
 }}
 """
         (self.dir / "nginx.conf").write_text(conf)
@@ -97,12 +94,28 @@ http {{
                 self.proc.wait()
 
 
+def minimal_http(port, upstream_port):
+    """One loopback server whose `location /` is the recipe's, proxying to `upstream_port`."""
+    mapping, body = recipe_parts()
+    body = body.replace("proxy_pass http://luaws;", f"proxy_pass http://127.0.0.1:{upstream_port};")
+    return f"""{mapping}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+{body}
+        }}
+    }}"""
+
+
 @pytest.fixture
 def start_nginx(tmp_path):
     started = []
 
-    def start(upstream_port):
-        proxy = Nginx(tmp_path, upstream_port)
+    def start(upstream_port=None, http=None, port=None):
+        """The minimal configuration in front of `upstream_port`, or the given `http` block
+        listening (first) on `port`."""
+        port = port or free_port()
+        proxy = Nginx(tmp_path / f"nginx{len(started)}", http or minimal_http(port, upstream_port), port)
         started.append(proxy)
         return proxy
 
@@ -116,6 +129,7 @@ def default_server(start_server, *args):
                         "--var", "time_interval=0.5", *args)
 
 
+@needs_nginx
 def test_echo_and_idle_push_pass_through(start_server, start_nginx):
     server = default_server(start_server, "--trust-proxy", "127.0.0.1")
     proxy = start_nginx(server.port)
@@ -173,6 +187,7 @@ def access_remote(server, count):
     raise AssertionError(server.stderr)
 
 
+@needs_nginx
 def test_trusted_proxy_shows_the_client_address(start_server, start_nginx):
     """The recipe's `X-Forwarded-For $proxy_add_x_forwarded_for` appends the address nginx saw
     to whatever the client sent; luaws (trusting only 127.0.0.1, where nginx connects from)
@@ -195,8 +210,60 @@ def test_trusted_proxy_shows_the_client_address(start_server, start_nginx):
     assert access_remote(server, 3) == ["127.0.0.3", "127.0.0.3", "203.0.113.5"]
 
 
+@needs_nginx
 def test_untrusted_proxy_shows_the_proxy_address(start_server, start_nginx):
     server = default_server(start_server)
     proxy = start_nginx(server.port)
     raw_handshake_and_close(proxy.port, "127.0.0.3", forwarded="203.0.113.5")
     assert access_remote(server, 1) == ["127.0.0.1"]
+
+
+@needs_nginx
+def test_the_whole_recipe_serves_ws_and_wss(tmp_path, start_server, start_nginx):
+    """deploy/nginx-luaws.conf as it stands, but for its ports, its certificate paths and its
+    upstream: ws:// on the plain server, wss:// on the TLS one."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "key.pem",
+                    "-out", "cert.pem", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   cwd=tmp_path, check=True, capture_output=True, timeout=60)
+    server = default_server(start_server, "--trust-proxy", "127.0.0.1")
+    http_port, https_port = free_port(), free_port()
+    text = RECIPE.read_text()
+    for old, new in [("listen 80;", f"listen 127.0.0.1:{http_port};"),
+                     ("listen 443 ssl;", f"listen 127.0.0.1:{https_port} ssl;"),
+                     ("server 127.0.0.1:8000;", f"server 127.0.0.1:{server.port};"),
+                     ("/etc/ssl/luaws/fullchain.pem", str(tmp_path / "cert.pem")),
+                     ("/etc/ssl/luaws/privkey.pem", str(tmp_path / "key.pem"))]:
+        assert old in text, old
+        text = text.replace(old, new)
+    # Only loopback here: the recipe's IPv6 wildcard listeners go.
+    text = re.sub(r"^\s*listen \[::\]:\d+.*\n", "", text, flags=re.M)
+    start_nginx(http=text, port=http_port)
+    context = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+    for url, options in [(f"ws://127.0.0.1:{http_port}/ws", {}),
+                         (f"wss://127.0.0.1:{https_port}/ws", {"ssl": context})]:
+        with websockets.sync.client.connect(url, open_timeout=5, **options) as ws:
+            assert ws.recv(timeout=3).startswith("It is: "), url
+            ws.send("hello")
+            for _ in range(10):
+                if ws.recv(timeout=3) == "Message received: hello":
+                    break
+            else:
+                raise AssertionError(f"no echo over {url}")
+
+
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze not installed")
+def test_systemd_unit_verifies(tmp_path):
+    unit = (ROOT / "deploy" / "luaws.service").read_text()
+    for directive in ["DynamicUser=yes", "ProtectSystem=strict", "ProtectHome=yes", "NoNewPrivileges=yes",
+                      "PrivateTmp=yes", "LimitNOFILE=65536", "ExecReload=/bin/kill -HUP $MAINPID",
+                      "KillSignal=SIGTERM", "--config /etc/luaws/luaws.toml"]:
+        assert directive in unit, directive
+    # The binary it names is the one just built, so that verify checks it exists.
+    (tmp_path / "luaws.service").write_text(unit.replace("/usr/local/bin/luaws", str(BINARY)))
+    done = subprocess.run([SYSTEMD_ANALYZE, "verify", str(tmp_path / "luaws.service")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "luaws.service" not in done.stderr, done.stderr
