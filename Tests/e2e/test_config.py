@@ -288,3 +288,15 @@ def test_text_logs_have_millisecond_timestamps(tmp_path, start_server):
 def test_config_shows_misspelt_variables():
     _, out = effective(env={"LUAWS_MAX_CONECTIONS": "5"})
     assert "# ignored, no such option: LUAWS_MAX_CONECTIONS" in out
+
+
+def test_config_output_is_a_config_file(tmp_path):
+    """What `luaws config` prints reads back (TOML) to the same values."""
+    import tomllib
+    config = write(tmp_path, "luaws.yaml", "port: 3333\nws-path: [/a, /b]\ncompression: false\nvar: {x: 1}\n")
+    table, out = effective("--config", str(config), "--idle-timeout", "4")
+    assert tomllib.loads(out)["port"] == 3333
+    again = write(tmp_path, "again.toml", out)
+    table_again, _ = effective("--config", str(again))
+    assert {k: v for k, (v, _) in table.items()} == {k: v for k, (v, _) in table_again.items()}
+    assert {source for _, source in table_again.values()} == {"file"}
