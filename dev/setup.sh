@@ -14,7 +14,7 @@ SUDO=""
 if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
 
 apt_packages=(liblua5.4-dev libhiredis-dev pkg-config)
-if [[ $want_tests -eq 1 ]]; then apt_packages+=(redis-server chromium chromium-driver python3-venv openssl); fi
+if [[ $want_tests -eq 1 ]]; then apt_packages+=(redis-server chromium chromium-driver python3-venv openssl nginx); fi
 
 missing=()
 for p in "${apt_packages[@]}"; do

@@ -15,7 +15,7 @@ struct Luaws: AsyncParsableCommand {
         commandName: "luaws",
         abstract: "A WebSocket server whose behaviour is written in Lua.",
         version: "luaws \(luawsVersion)",
-        subcommands: [Serve.self, Check.self, TestCommand.self],
+        subcommands: [Serve.self, Check.self, TestCommand.self, ShowConfig.self],
         defaultSubcommand: Serve.self
     )
 }
@@ -201,6 +201,13 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: Logger.Level = .info
 
+    @Option(help: "text or json (one object per line: ts, level, label, message, metadata).")
+    var logFormat = LogFormat.text
+
+    // Read before parsing (see ConfigSources): here so that help shows it and parsing accepts it.
+    @Option(help: "A TOML (.toml) or YAML (.yaml, .yml) file of these options, keys as the long names (max-connections or max_connections). Command line > LUAWS_* environment variables > file.")
+    var config: String?
+
     func validate() throws {
         for item in vars where !item.contains("=") {
             throw ValidationError("--var takes NAME=VALUE, got '\(item)'")
@@ -245,11 +252,8 @@ struct Serve: AsyncParsableCommand {
         // before) must not be lost.
         let signals = Signals.stream([SIGINT, SIGTERM, SIGHUP])
         let level = logLevel
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
-        }
+        let format = logFormat
+        LoggingSystem.bootstrap { label in LineLogHandler(label: label, format: format, level: level) }
         let logger = Logger(label: "luaws")
 
         let plugins: PluginSet
