@@ -248,9 +248,10 @@ struct Serve: AsyncParsableCommand {
     }
 
     func run() async throws {
-        // Listened for from the start: a SIGTERM that comes as soon as the banner is out (or
-        // before) must not be lost.
-        let signals = Signals.stream([SIGINT, SIGTERM, SIGHUP])
+        // Listened for from the start, and registered before anything else happens (see
+        // Signals.stream): a SIGTERM that comes as soon as the banner is out (or before) must
+        // not be lost.
+        let signals = await Signals.stream([SIGINT, SIGTERM, SIGHUP])
         let level = logLevel
         let format = logFormat
         LoggingSystem.bootstrap { label in LineLogHandler(label: label, format: format, level: level) }

@@ -3,21 +3,32 @@ import Foundation
 
 /// Delivers signals as an async stream, without letting them kill the process.
 enum Signals {
-    static func stream(_ signals: [Int32]) -> AsyncStream<Int32> {
-        AsyncStream { continuation in
-            let queue = DispatchQueue(label: "luaws.signals")
-            let sources = signals.map { number -> DispatchSourceSignal in
-                // SIG_IGN first: on Linux libdispatch installs its own handler when the source
-                // starts, and SIG_IGN set afterwards would replace it.
-                signal(number, SIG_IGN)
-                let source = DispatchSource.makeSignalSource(signal: number, queue: queue)
-                source.setEventHandler { continuation.yield(number) }
-                source.resume()
-                return source
-            }
-            let keep = SourceBox(sources)
-            continuation.onTermination = { _ in keep.cancel() }
+    /// Returns once every source is registered: from then on no signal is lost. Until then, one
+    /// would be (SIG_IGN drops it, and libdispatch registers a source asynchronously after
+    /// `resume()`), so the caller awaits the stream before it tells anyone that it listens.
+    /// Signals that come before the caller reads the stream wait in it.
+    static func stream(_ signals: [Int32]) async -> AsyncStream<Int32> {
+        let (stream, continuation) = AsyncStream<Int32>.makeStream()
+        let queue = DispatchQueue(label: "luaws.signals")
+        let registered = DispatchGroup()
+        let sources = signals.map { number -> DispatchSourceSignal in
+            // Ignored, not fatal: the default action would kill before the source is registered.
+            // SIG_IGN first: on Linux libdispatch installs its own handler when the source
+            // starts, and SIG_IGN set afterwards would replace it.
+            signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number, queue: queue)
+            source.setEventHandler { continuation.yield(number) }
+            registered.enter()
+            source.setRegistrationHandler { registered.leave() }
+            source.resume()
+            return source
         }
+        let keep = SourceBox(sources)
+        continuation.onTermination = { _ in keep.cancel() }
+        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+            registered.notify(queue: queue) { done.resume() }
+        }
+        return stream
     }
 
     /// Dispatch sources are thread-safe; the box only keeps them alive and cancels them.

@@ -20,3 +20,12 @@ def test_signal_closes_clients_with_1001_and_exits_zero(start_server, sig):
         assert c.at_eof()
         c.close()
     assert server.proc.wait(timeout=10) == 0
+
+
+def test_sigterm_right_after_the_banner_stops_the_server(start_server):
+    """Signal handling is in place before the banner: a SIGTERM sent the moment the server says
+    it listens is neither fatal (status -15) nor lost (a server that never stops)."""
+    for _ in range(10):
+        server = start_server("--scripts", "scripts/echo.lua", admin=False)
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=10) == 0
