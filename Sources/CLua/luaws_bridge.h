@@ -609,21 +609,23 @@ static void luaws_fill_result(lua_State *L, luaws_result *r, int want_ref) {
     if (want_ref && r->type != LUA_TNIL) r->ref = luaL_ref(L, LUA_REGISTRYINDEX);
 }
 
+/* Pushes one argument from Swift (a registry reference pushes what it refers to). */
+static void luaws_push_arg(lua_State *L, const luaws_arg *a) {
+    switch (a->type) {
+    case LUAWS_ARG_INT: lua_pushinteger(L, a->i); break;
+    case LUAWS_ARG_NUM: lua_pushnumber(L, a->n); break;
+    case LUAWS_ARG_STR: lua_pushlstring(L, a->s, a->len); break;
+    case LUAWS_ARG_REF: lua_rawgeti(L, LUA_REGISTRYINDEX, a->i); break;
+    case LUAWS_ARG_BOOL: lua_pushboolean(L, (int)a->i); break;
+    default: lua_pushnil(L); break;
+    }
+}
+
 static int luaws_call_trampoline(lua_State *L) {
     luaws_call_frame *f = (luaws_call_frame *)lua_touserdata(L, 1);
     luaL_checkstack(L, f->nargs + 2, "too many arguments");
     lua_rawgeti(L, LUA_REGISTRYINDEX, f->fn);
-    for (int k = 0; k < f->nargs; k++) {
-        const luaws_arg *a = &f->args[k];
-        switch (a->type) {
-        case LUAWS_ARG_INT: lua_pushinteger(L, a->i); break;
-        case LUAWS_ARG_NUM: lua_pushnumber(L, a->n); break;
-        case LUAWS_ARG_STR: lua_pushlstring(L, a->s, a->len); break;
-        case LUAWS_ARG_REF: lua_rawgeti(L, LUA_REGISTRYINDEX, a->i); break;
-        case LUAWS_ARG_BOOL: lua_pushboolean(L, (int)a->i); break;
-        default: lua_pushnil(L); break;
-        }
-    }
+    for (int k = 0; k < f->nargs; k++) luaws_push_arg(L, &f->args[k]);
     lua_call(L, f->nargs, 1);
     luaws_fill_result(L, f->result, f->want_ref);
     return 0;
@@ -727,17 +729,6 @@ typedef struct luaws_run_frame {
     int nargs;
     luaws_run *run;
 } luaws_run_frame;
-
-static void luaws_push_arg(lua_State *L, const luaws_arg *a) {
-    switch (a->type) {
-    case LUAWS_ARG_INT: lua_pushinteger(L, a->i); break;
-    case LUAWS_ARG_NUM: lua_pushnumber(L, a->n); break;
-    case LUAWS_ARG_STR: lua_pushlstring(L, a->s, a->len); break;
-    case LUAWS_ARG_REF: lua_rawgeti(L, LUA_REGISTRYINDEX, a->i); break;
-    case LUAWS_ARG_BOOL: lua_pushboolean(L, (int)a->i); break;
-    default: lua_pushnil(L); break;
-    }
-}
 
 /* Describes the yielded values (op, args...) on the coroutine's stack in *run. */
 static int luaws_read_yield(lua_State *co, int n, luaws_run *run) {

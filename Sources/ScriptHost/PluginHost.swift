@@ -445,7 +445,7 @@ public final class PluginHost {
 
     /// A request table for on_upgrade or a route.
     private func makeRequest(_ request: ScriptRequest, upgrade: Bool) -> Int32? {
-        let headerBlock = request.headers.map { "\($0.name): \($0.value)" }.joined(separator: "\n")
+        let headerBlock = Self.headerBlock(request.headers)
         do {
             return try vm.call(fnNewRequest, [
                 .string(request.method), .string(request.path), .string(request.query), .string(headerBlock),
@@ -504,7 +504,7 @@ public final class PluginHost {
     private func handle(_ event: Event) {
         switch event {
         case .open(let handle, let id, let request):
-            let headerBlock = request.headers.map { "\($0.name): \($0.value)" }.joined(separator: "\n")
+            let headerBlock = Self.headerBlock(request.headers)
             let made: Int32?
             let upgrade = request.upgradeToken.flatMap { upgrades.removeValue(forKey: $0)?.ref }
             defer { if let upgrade { vm.unref(upgrade) } }
@@ -837,7 +837,7 @@ public final class PluginHost {
             services.http(request, on: eventLoop).hop(to: eventLoop).whenComplete { result in
                 switch result {
                 case .success(let response):
-                    let headers = response.headers.map { "\($0.name): \($0.value)" }.joined(separator: "\n")
+                    let headers = Self.headerBlock(response.headers)
                     loopBound.value.deliver(.resumed(operation, [.int(Int64(response.status)), .string(headers), .bytes(response.body)]))
                 case .failure(let error):
                     loopBound.value.deliver(.resumed(operation, [.nil, .string("\(error)")]))
@@ -945,10 +945,7 @@ public final class PluginHost {
         case .integer(let n): Double(n)
         default: nil
         }
-        let headers = headerBlock.split(separator: "\n").compactMap { line -> (name: String, value: String)? in
-            guard let colon = line.firstIndex(of: ":") else { return nil }
-            return (String(line[..<colon]), String(line[line.index(after: colon)...].drop { $0 == " " }))
-        }
+        let headers = Self.headers(fromBlock: headerBlock)
         return ScriptHTTPRequest(method: method, url: url, headers: headers, body: body, timeout: timeout, followRedirects: args[5] == .bool(true))
     }
 
@@ -978,11 +975,21 @@ public final class PluginHost {
         let bodyLength = u32(6 + headerLength)
         let bodyStart = 10 + headerLength
         guard bodyStart + bodyLength == packed.count else { return nil }
-        let headers = headerBlock.split(separator: "\n").compactMap { line -> (name: String, value: String)? in
+        let headers = Self.headers(fromBlock: headerBlock)
+        return ScriptRouteResponse(status: status, headers: headers, body: Array(packed[bodyStart...]))
+    }
+
+    /// Headers as "Name: value" lines: how they cross into and out of Lua.
+    static func headerBlock(_ headers: [(name: String, value: String)]) -> String {
+        headers.map { "\($0.name): \($0.value)" }.joined(separator: "\n")
+    }
+
+    /// The other way round; a line without a colon is skipped.
+    static func headers(fromBlock block: String) -> [(name: String, value: String)] {
+        block.split(separator: "\n").compactMap { line in
             guard let colon = line.firstIndex(of: ":") else { return nil }
             return (String(line[..<colon]), String(line[line.index(after: colon)...].drop { $0 == " " }))
         }
-        return ScriptRouteResponse(status: status, headers: headers, body: Array(packed[bodyStart...]))
     }
 
     private func takeReadyThread() -> LuaVM.Thread? {
