@@ -78,6 +78,9 @@ typedef struct luaws_host {
     lua_State *hook_thread;      /* the coroutine running a hook now, or NULL: where core.wait may yield */
     int wait_pending;            /* set by core.wait as it yields: a yield without it is the script's own */
     char error[LUAWS_ERR_MAX];   /* the last error of luaws_call, NUL-terminated */
+    const void *conn_mt;         /* the conn metatable (kept in the registry): conn checks compare it */
+    int kind_text_ref;           /* registry references of "text" and "binary", on_message's third */
+    int kind_binary_ref;         /* argument: pushed without hashing them each time */
 
     /* Callbacks into Swift. They get plain values and must not call Lua. */
     int (*send)(void *swift, lua_Integer conn, const char *data, size_t len, int binary);
@@ -261,21 +264,50 @@ static int luaws_core_utf8_valid(lua_State *L) {
 
 typedef struct luaws_conn { lua_Integer id; } luaws_conn;
 
-/* The id of the conn at `idx`; a Lua error if it is not a conn. */
+/* The id of the conn at `idx`; a Lua error if it is not a conn. The metatable is compared
+ * by address (luaL_checkudata would look its name up in the registry on every call). */
 static lua_Integer luaws_conn_id(lua_State *L, int idx) {
-    return ((luaws_conn *)luaL_checkudata(L, idx, LUAWS_CONN_MT))->id;
+    if (lua_type(L, idx) == LUA_TUSERDATA && lua_getmetatable(L, idx)) {
+        const void *mt = lua_topointer(L, -1);
+        lua_pop(L, 1);
+        if (mt == luaws_host_of(L)->conn_mt) return ((luaws_conn *)lua_touserdata(L, idx))->id;
+    }
+    luaL_typeerror(L, idx, LUAWS_CONN_MT);
+    return 0;
 }
 
-/* conn:send(text) and conn:send_binary(bytes). Written in C because it is the hot path.
- * Text must be valid UTF-8 (a text frame with anything else makes clients fail the
+/* conn:send(text, ...) and conn:send_binary(bytes, ...). Written in C because it is the hot
+ * path. Several arguments make one message, their bytes one after the other, joined in a C
+ * buffer (on the C stack up to LUAL_BUFFERSIZE): `conn:send("Message received: ", msg)`
+ * leaves no string behind for the collector, where `..` makes (and hashes) one per message.
+ * Text must be valid UTF-8 as a whole (a text frame with anything else makes clients fail the
  * connection): anything else is the script's error, at its line. */
 static int luaws_conn_send_kind(lua_State *L, int binary) {
     luaws_host *h = luaws_host_of(L);
     lua_Integer id = luaws_conn_id(L, 1);
+    int top = lua_gettop(L);
     size_t len = 0;
     const char *data;
-    if (binary || lua_type(L, 2) == LUA_TSTRING) data = luaL_checklstring(L, 2, &len);
-    else data = luaL_tolstring(L, 2, &len);   /* any other value, as tostring() would show it */
+    luaL_Buffer b;
+    if (top <= 2) {
+        if (binary || lua_type(L, 2) == LUA_TSTRING) data = luaL_checklstring(L, 2, &len);
+        else data = luaL_tolstring(L, 2, &len);   /* any other value, as tostring() would show it */
+    } else {
+        luaL_buffinit(L, &b);
+        for (int i = 2; i <= top; i++) {
+            if (binary || lua_type(L, i) == LUA_TSTRING) {
+                size_t part = 0;
+                const char *s = luaL_checklstring(L, i, &part);
+                luaL_addlstring(&b, s, part);
+            } else {
+                luaL_tolstring(L, i, NULL);
+                luaL_addvalue(&b);
+            }
+        }
+        data = luaL_buffaddr(&b);
+        len = luaL_bufflen(&b);
+        luaws_charge(L, 1 + (lua_Integer)(len / LUAWS_BYTES_PER_UNIT));  /* as table.concat */
+    }
     if (!binary && !luaws_utf8_valid((const unsigned char *)data, len))
         return luaL_argerror(L, 2, "text is not valid UTF-8 (use conn:send_binary for bytes)");
     lua_pushboolean(L, h->send(h->swift, id, data, len, binary) == 0);
@@ -309,6 +341,7 @@ static int luaws_core_conn_class(lua_State *L) {
     luaL_checktype(L, 3, LUA_TFUNCTION);
     luaL_checktype(L, 4, LUA_TFUNCTION);
     luaL_newmetatable(L, LUAWS_CONN_MT);  /* 5 */
+    luaws_host_of(L)->conn_mt = lua_topointer(L, 5);
     lua_pushvalue(L, 1);
     lua_pushvalue(L, 2);
     lua_pushcclosure(L, luaws_conn_index, 2);
@@ -728,6 +761,9 @@ typedef struct luaws_run_frame {
     const luaws_arg *args;
     int nargs;
     luaws_run *run;
+    int status;                  /* what lua_resume returned */
+    int nres;                    /* and how many values it left */
+    int waited;                  /* the coroutine yielded through core.wait */
 } luaws_run_frame;
 
 /* Describes the yielded values (op, args...) on the coroutine's stack in *run. */
@@ -752,75 +788,138 @@ static int luaws_read_yield(lua_State *co, int n, luaws_run *run) {
     return 1;
 }
 
+/* The resume path: the answer is pushed on the main thread (where a memory error is caught:
+ * this runs under luaws_protected) and moved onto the coroutine in place of what it yielded;
+ * what lua_resume returned is left in the frame for luaws_run_finish. */
 static int luaws_run_trampoline(lua_State *L) {
     luaws_run_frame *f = (luaws_run_frame *)lua_touserdata(L, 1);
     luaws_host *h = luaws_host_of(L);
     lua_State *co = f->co;
-    luaws_run *run = f->run;
-    /* What the coroutine yielded last time goes; the answer comes in its place. Values are
-     * pushed here (where a memory error is caught) and then moved. */
-    if (f->fn == LUA_NOREF) lua_settop(co, 0);
-    int pushed = f->nargs + (f->fn == LUA_NOREF ? 0 : 1);
-    luaL_checkstack(L, pushed + 2, "too many arguments");
-    if (!lua_checkstack(co, pushed + 2)) return luaL_error(L, "coroutine stack overflow");
-    if (f->fn != LUA_NOREF) lua_rawgeti(L, LUA_REGISTRYINDEX, f->fn);
+    lua_settop(co, 0);
+    luaL_checkstack(L, f->nargs + 2, "too many arguments");
+    if (!lua_checkstack(co, f->nargs + 2)) return luaL_error(L, "coroutine stack overflow");
     for (int k = 0; k < f->nargs; k++) luaws_push_arg(L, &f->args[k]);
-    lua_xmove(L, co, pushed);
-    int nres = 0;
+    lua_xmove(L, co, f->nargs);
     h->hook_thread = co;
     h->wait_pending = 0;
-    int status = lua_resume(co, L, f->nargs, &nres);
+    f->status = lua_resume(co, L, f->nargs, &f->nres);
     h->hook_thread = NULL;
-    int waited = h->wait_pending;
+    f->waited = h->wait_pending;
     h->wait_pending = 0;
-    if (status == LUA_OK) {
-        run->state = LUAWS_RUN_DONE;
-        run->truthy = nres > 0 && lua_toboolean(co, -nres);
-        lua_settop(co, 0);
-    } else if (status == LUA_YIELD) {
-        run->state = LUAWS_RUN_SUSPENDED;
-        if (!waited || !luaws_read_yield(co, nres, run)) {
-            /* Not a yield of core.wait: the script's own coroutine.yield in the hook itself
-             * (which must not pass for a request to the server, whatever it yields). */
-            lua_settop(co, 0);
-            lua_resetthread(co);
-            run->state = LUAWS_RUN_FAILED;
-            return luaL_error(L, "a hook yielded with coroutine.yield outside a coroutine of its own");
-        }
-    } else {
-        /* The error and where it happened, from the dead coroutine's stack; then reset it. */
-        run->state = LUAWS_RUN_FAILED;
-        const char *msg = lua_tostring(co, -1);
-        if (status == LUA_ERRMEM)
-            msg = lua_pushfstring(L, "memory limit exceeded (%d bytes): not enough memory", (int)h->mem_limit);
-        else if (msg == NULL)
-            msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(co, -1));
-        msg = luaws_script_message(L, co, msg);
-        luaL_traceback(L, co, msg, 0);
-        size_t len = 0;
-        const char *text = lua_tolstring(L, -1, &len);
-        if (len >= LUAWS_ERR_MAX) len = LUAWS_ERR_MAX - 1;
-        memcpy(h->error, text, len);
-        h->error[len] = 0;
-        lua_settop(co, 0);
-        lua_resetthread(co);
-    }
     return 0;
 }
 
+/* The start path's coroutine body: pushes the hook and its arguments on the coroutine itself
+ * (a memory error here is the coroutine's error, which lua_resume catches, so starting a
+ * hook needs no protected call around it), then calls the hook so that it may yield. */
+static int luaws_hook_body_k(lua_State *co, int status, lua_KContext ctx) {
+    (void)status; (void)ctx;
+    return 1;   /* the hook's first result (after it waited) */
+}
+static int luaws_hook_body(lua_State *co) {
+    const luaws_run_frame *f = (const luaws_run_frame *)lua_touserdata(co, 1);
+    int nargs = f->nargs;
+    lua_settop(co, 0);
+    luaL_checkstack(co, nargs + 1, "too many arguments");
+    lua_rawgeti(co, LUA_REGISTRYINDEX, f->fn);
+    for (int k = 0; k < nargs; k++) luaws_push_arg(co, &f->args[k]);
+    lua_callk(co, nargs, 1, 0, luaws_hook_body_k);
+    return 1;       /* the hook's first result */
+}
+
+/* The error of a failed hook and where it happened, from the dead coroutine's stack, into
+ * h->error; then the coroutine is reset. Formats on the main thread: run under luaws_protected. */
+static int luaws_run_failed_trampoline(lua_State *L) {
+    luaws_run_frame *f = (luaws_run_frame *)lua_touserdata(L, 1);
+    luaws_host *h = luaws_host_of(L);
+    lua_State *co = f->co;
+    const char *msg = lua_tostring(co, -1);
+    if (f->status == LUA_ERRMEM)
+        msg = lua_pushfstring(L, "memory limit exceeded (%d bytes): not enough memory", (int)h->mem_limit);
+    else if (msg == NULL)
+        msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(co, -1));
+    msg = luaws_script_message(L, co, msg);
+    luaL_traceback(L, co, msg, 0);
+    size_t len = 0;
+    const char *text = lua_tolstring(L, -1, &len);
+    if (len >= LUAWS_ERR_MAX) len = LUAWS_ERR_MAX - 1;
+    memcpy(h->error, text, len);
+    h->error[len] = 0;
+    lua_settop(co, 0);
+    lua_resetthread(co);
+    return 0;
+}
+
+/* What lua_resume returned becomes *run (DONE or SUSPENDED, LUA_OK), or an error status with
+ * the message in h->error. The DONE and SUSPENDED paths allocate nothing (they run outside
+ * any protected call). */
+static int luaws_run_finish(lua_State *L, luaws_run_frame *f) {
+    luaws_host *h = luaws_host_of(L);
+    lua_State *co = f->co;
+    luaws_run *run = f->run;
+    if (f->status == LUA_OK) {
+        run->state = LUAWS_RUN_DONE;
+        run->truthy = f->nres > 0 && lua_toboolean(co, -f->nres);
+        lua_settop(co, 0);
+        return LUA_OK;
+    }
+    if (f->status == LUA_YIELD) {
+        run->state = LUAWS_RUN_SUSPENDED;
+        if (f->waited && luaws_read_yield(co, f->nres, run)) return LUA_OK;
+        /* Not a yield of core.wait: the script's own coroutine.yield in the hook itself
+         * (which must not pass for a request to the server, whatever it yields). */
+        lua_settop(co, 0);
+        lua_resetthread(co);
+        run->state = LUAWS_RUN_FAILED;
+        snprintf(h->error, LUAWS_ERR_MAX, "a hook yielded with coroutine.yield outside a coroutine of its own");
+        return LUA_ERRRUN;
+    }
+    run->state = LUAWS_RUN_FAILED;
+    int status = f->status;
+    if (luaws_protected(L, luaws_run_failed_trampoline, f, 0) != LUA_OK) {
+        lua_settop(co, 0);   /* h->error has what went wrong while formatting */
+        lua_resetthread(co);
+    }
+    return status;
+}
+
 /* Starts `fn` (a registry reference) with `args` in coroutine `co`, or with fn == LUA_NOREF
- * resumes `co` with `args` as the results of its core.wait. Returns LUA_OK with *run
- * describing the outcome (DONE or SUSPENDED), or an error status with the message and
- * traceback in h->error (the coroutine has been reset and can be reused). The budget error
- * and a memory error inside the hook arrive here as the coroutine's error. */
+ * resumes `co` with `args` as the results of its core.wait, under a whole instruction
+ * budget. Returns LUA_OK with *run describing the outcome (DONE or SUSPENDED), or an error
+ * status with the message and traceback in h->error (the coroutine has been reset). The
+ * budget error and a memory error inside the hook arrive here as the coroutine's error.
+ *
+ * Starting a hook is the hot path (every message): it pushes only a C function and a light
+ * userdata on the coroutine (neither allocates, so no protected call is needed) and resumes
+ * it; luaws_hook_body does the rest inside the coroutine. */
 static inline int luaws_run_hook(lua_State *L, lua_State *co, int fn, const luaws_arg *args, int nargs, luaws_run *run) {
-    luaws_run_frame frame = {co, fn, args, nargs, run};
+    luaws_run_frame frame = {co, fn, args, nargs, run, LUA_OK, 0, 0};
+    luaws_host *h = luaws_host_of(L);
     run->state = LUAWS_RUN_FAILED;
     run->truthy = 0;
     run->nargs = 0;
-    int status = luaws_protected(L, luaws_run_trampoline, &frame, 1);
-    if (status != LUA_OK) run->state = LUAWS_RUN_FAILED;
-    return status == LUA_OK && run->state == LUAWS_RUN_FAILED ? LUA_ERRRUN : status;
+    if (fn == LUA_NOREF) {
+        /* Failing before the resume (no memory for the answer) leaves the coroutine
+         * suspended: the caller discards it, as it does every coroutine whose hook failed. */
+        int status = luaws_protected(L, luaws_run_trampoline, &frame, 1);
+        return status != LUA_OK ? status : luaws_run_finish(L, &frame);
+    }
+    h->error[0] = 0;
+    h->budget_hit = 0;
+    if (!lua_checkstack(co, 2)) {
+        snprintf(h->error, LUAWS_ERR_MAX, "coroutine stack overflow");
+        return LUA_ERRMEM;
+    }
+    lua_pushcfunction(co, luaws_hook_body);
+    lua_pushlightuserdata(co, &frame);
+    h->remaining = h->budget > 0 ? (lua_Integer)h->budget : LUAWS_UNLIMITED;
+    h->hook_thread = co;
+    h->wait_pending = 0;
+    frame.status = lua_resume(co, L, 1, &frame.nres);
+    h->hook_thread = NULL;
+    frame.waited = h->wait_pending;
+    h->wait_pending = 0;
+    return luaws_run_finish(L, &frame);
 }
 
 static int luaws_newthread_trampoline(lua_State *L) {
@@ -872,6 +971,11 @@ static int luaws_load_trampoline(lua_State *L) {
     luaL_openlibs(L);
     luaws_charge_coroutines(L);
     luaws_open_charged_libs(L);   /* before the prelude copies `string` and `table` into sandboxes */
+    luaws_host *h = luaws_host_of(L);
+    lua_pushliteral(L, "text");
+    h->kind_text_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pushliteral(L, "binary");
+    h->kind_binary_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     if (luaL_loadbufferx(L, src, len, name, "t") != LUA_OK) return lua_error(L);
     luaws_push_core(L);
     lua_call(L, 1, 1);

@@ -112,6 +112,9 @@ public final class EngineConnection: ScriptConnection {
 /// the plugins, so that benchmarks can price the Lua call.
 public final class BuiltinEcho: WebSocketApplication {
     private let prefix = ByteBuffer(string: "Message received: ")
+    /// Reused for every reply, as PluginHost reuses one for `conn:send`: the engine copies a
+    /// small message into its batch buffer and keeps no reference, so this allocates nothing.
+    private var reply = ByteBuffer()
 
     public init() {}
 
@@ -119,11 +122,11 @@ public final class BuiltinEcho: WebSocketApplication {
 
     public func received(_ message: WebSocketMessage, on connection: WebSocketConnection) {
         guard message.kind == .text else { return }
-        var reply = ByteBuffer()
-        reply.reserveCapacity(prefix.readableBytes + message.data.readableBytes)
+        reply.clear()
         reply.writeImmutableBuffer(prefix)
         reply.writeImmutableBuffer(message.data)
         connection.send(reply)
+        if reply.capacity > 64 * 1024 { reply = ByteBuffer() }
     }
 
     public func idle(_ connection: WebSocketConnection, timer: Int) {}

@@ -11,12 +11,12 @@
 // Each run does a fixed warm-up first; the script runs COUNT = 0 and COUNT = N and divides the
 // difference by N, which cancels start-up, warm-up and teardown.
 //
-// ServerPipeline and LoopState are internal to WSEngine (FuzzHarness, the public way in, fixes
-// its own application), hence `@testable import`: instructions.sh builds in release with
-// -enable-testing -DINSTRUCTIONS. Elsewhere (a plain release build) this is an empty stub.
-// -enable-testing costs some optimisation (internal code must stay visible to other modules):
-// on FuzzHarness's echo, the same count is about 8 % higher than in a plain release build. The
-// figures are for comparing runs with each other, all made this way, not for the absolute cost.
+// The pipeline is installed through `WebSocketServer.configureForTesting` (WSEngine's testing
+// SPI, as WSEngineTesting does), so this builds as a plain release build would, with whole-module
+// optimisation and without -enable-testing: -enable-testing keeps internal declarations visible
+// to other modules, which costs optimisation (dynamic exclusivity checks stay on every internal
+// class property, for one) and made the counts about 5 % higher than the product's. instructions.sh
+// builds with -DINSTRUCTIONS; elsewhere (a plain release build) this is an empty stub.
 
 #if INSTRUCTIONS || DEBUG
 import Foundation
@@ -25,7 +25,7 @@ import LuaWSApp
 import NIOCore
 import NIOEmbedded
 import ScriptHost
-@testable import WSEngine
+@_spi(Testing) import WSEngine
 
 enum Load: String {
     case luaEcho = "lua-echo"
@@ -80,11 +80,8 @@ final class Connection {
             let cluster = ScriptCluster(plugins: try PluginSet.read(from: scripts), vars: vars, logger: logger)
             application = LuaApplication(plugins: try cluster.makeHost(on: loop))
         }
-        let configuration = ServerConfiguration()
-        let state = LoopState(index: 0, eventLoop: loop, application: application, logger: logger, compressionLevel: configuration.compressionLevel)
-        let pipeline = ServerPipeline(configuration: configuration, files: nil, loops: [ObjectIdentifier(loop): NIOLoopBound(state, eventLoop: loop)])
         channel = EmbeddedChannel(loop: loop)
-        try pipeline.configure(channel)
+        try WebSocketServer.configureForTesting(channel, configuration: ServerConfiguration(), application: application, logger: logger)
         try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 9)).wait()
         try channel.writeInbound(Self.handshake)
         loop.run()  // the upgrade completes in a task
@@ -181,6 +178,6 @@ do {
 print("\(load.rawValue) \(count) done")
 #else
 import Foundation
-FileHandle.standardError.write(Data("LuaWSInstructions: build it with Benchmarks/instructions.sh (it needs -enable-testing -DINSTRUCTIONS)\n".utf8))
+FileHandle.standardError.write(Data("LuaWSInstructions: build it with Benchmarks/instructions.sh (it needs -DINSTRUCTIONS)\n".utf8))
 exit(2)
 #endif

@@ -1,8 +1,10 @@
 /// One load of a plugin set in one Lua state: the plugins' hook functions (registry
 /// references), what they declare, and the hook lists dispatch walks. Owned by `PluginHost`,
 /// which prepares, activates and retires it (see there); the empty value (generation 0) is
-/// the "nothing loaded yet" placeholder and owns nothing.
-struct LoadedPlugins {
+/// the "nothing loaded yet" placeholder and owns nothing. A reference: every event reads the
+/// set that serves, and copying a value with arrays and dictionaries in it costs a retain and a
+/// release of each.
+final class LoadedPlugins {
     struct Plugin {
         /// The plugin's `name` field, else its file name without `.lua`.
         var name: String
@@ -83,8 +85,13 @@ struct LoadedPlugins {
         chainsByPath.isEmpty ? defaultChains : chainsByPath[path] ?? defaultChains
     }
 
+    /// The functions `hook` runs for a connection on `path`, without copying the whole `Chains`.
+    func hooks(_ hook: Hook, for path: String) -> [(plugin: Int, function: Int32)] {
+        chainsByPath.isEmpty ? defaultChains.hooks[hook.rawValue] : chains(for: path).hooks[hook.rawValue]
+    }
+
     /// Builds the dispatch lists once every plugin is in.
-    mutating func finish() {
+    func finish() {
         let plugins = self.plugins
         func chains(_ path: String?) -> Chains {
             let serving = plugins.indices.filter { path.map(plugins[$0].serves) ?? (plugins[$0].paths == nil) }

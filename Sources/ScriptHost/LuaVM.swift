@@ -308,7 +308,7 @@ final class LuaVM {
 
     /// Runs hook `function` in `thread` with the connection and, optionally, a payload and its
     /// kind: the hot path, with nothing allocated unless the hook waits.
-    func runHook(_ function: Int32, in thread: Thread, connection: Int32, payload: ByteBuffer? = nil, kind: StaticString? = nil) -> HookOutcome {
+    func runHook(_ function: Int32, in thread: Thread, connection: Int32, payload: ByteBuffer? = nil, binary: Bool = false) -> HookOutcome {
         let argv = hookArgs
         argv[0].type = Int32(LUAWS_ARG_REF)
         argv[0].i = Int64(connection)
@@ -318,10 +318,9 @@ final class LuaVM {
                 argv[1].type = Int32(LUAWS_ARG_STR)
                 argv[1].s = bytes.baseAddress?.assumingMemoryBound(to: CChar.self)
                 argv[1].len = bytes.count
-                guard let kind else { return luaws_run_hook(state, thread.state, function, argv, 2, run) }
-                argv[2].type = Int32(LUAWS_ARG_STR)
-                argv[2].s = UnsafeRawPointer(kind.utf8Start).assumingMemoryBound(to: CChar.self)
-                argv[2].len = kind.utf8CodeUnitCount
+                // The kind ("text" or "binary") by registry reference: no string made or hashed.
+                argv[2].type = Int32(LUAWS_ARG_REF)
+                argv[2].i = Int64(binary ? host.pointee.kind_binary_ref : host.pointee.kind_text_ref)
                 return luaws_run_hook(state, thread.state, function, argv, 3, run)
             }
         } else {

@@ -72,7 +72,10 @@ public struct ScriptRouteResponse: Sendable {
 /// to load it) is discarded, which is retiring a set that never served. Connections, their
 /// timers and their subscriptions belong to the host, not to a set: they survive reloads.
 public final class PluginHost {
-    private struct Connection {
+    /// A reference, so that the hot path reads and updates it without copying it out of and
+    /// back into `connections` (its handle, path, sets and queue would be retained and
+    /// released each time).
+    private final class Connection {
         let handle: ScriptConnection
         /// Registry reference of the Lua `conn` object.
         let ref: Int32
@@ -86,6 +89,12 @@ public final class PluginHost {
         var waitingBytes = 0
         /// Reading from the client is paused because too much waits.
         var readingPaused = false
+
+        init(handle: ScriptConnection, ref: Int32, path: String) {
+            self.handle = handle
+            self.ref = ref
+            self.path = path
+        }
     }
 
     /// What happens to one connection, run through its plugins' hooks one event at a time, in
@@ -203,6 +212,14 @@ public final class PluginHost {
     /// The generation being loaded: timers started now are its top-level timers.
     private var loadingGeneration: Int?
     private var connections: [Int64: Connection] = [:]
+    /// The connection looked up last: a read batch brings several messages of one connection
+    /// in a row, and a hook mostly sends to the connection it runs for, so most lookups are
+    /// this one (no hashing). Cleared when that connection goes.
+    private var cachedID: Int64 = 0
+    private var cachedConnection: Connection?
+    /// `conn:send`'s bytes are copied here for the engine (which copies small messages into its
+    /// own batch buffer and keeps no reference): no allocation per send.
+    private var sendBuffer = ByteBuffer()
     /// Lua is not re-entered: events that arrive while a hook runs (a send that fails and
     /// closes another connection, say) wait here until it returns.
     private var depth = 0
@@ -311,7 +328,7 @@ public final class PluginHost {
         nextGeneration += 1
         let generation = nextGeneration
         let setRef = try vm.call(fnNewSet, [.string(set.libraryDirectory), .int(Int64(generation)), .string(reservedPaths.joined(separator: "\n"))], wantRef: true).ref!
-        var loaded = LoadedPlugins(generation: generation, setRef: setRef)
+        let loaded = LoadedPlugins(generation: generation, setRef: setRef)
         loadingGeneration = generation
         defer { loadingGeneration = nil }
         do {
@@ -461,6 +478,16 @@ public final class PluginHost {
         deliver(.open(handle, id, request))
     }
 
+    /// The connection `id`, if open (see `cachedConnection`).
+    @inline(__always)
+    private func connection(_ id: Int64) -> Connection? {
+        if id == cachedID, let cached = cachedConnection { return cached }
+        guard let found = connections[id] else { return nil }
+        cachedID = id
+        cachedConnection = found
+        return found
+    }
+
     public func message(id: Int64, data: ByteBuffer, binary: Bool) {
         // The hot path: like deliver(.connection(id, .message(…))) without building the event.
         guard depth == 0 else {
@@ -597,7 +624,7 @@ public final class PluginHost {
 
     /// Runs `event` now, or queues it behind the connection's waiting hook.
     private func handle(_ event: ConnectionEvent, of id: Int64) {
-        guard let connection = connections[id] else { return }
+        guard let connection = connection(id) else { return }
         if connection.busy {
             enqueue(event, on: id)
             return
@@ -609,16 +636,16 @@ public final class PluginHost {
     /// the prelude's timer dispatcher.
     private func chain(for event: ConnectionEvent, path: String, in set: LoadedPlugins) -> [(plugin: Int, function: Int32)] {
         switch event {
-        case .open: set.chains(for: path).hooks[LoadedPlugins.Hook.onOpen.rawValue]
-        case .message: set.chains(for: path).hooks[LoadedPlugins.Hook.onMessage.rawValue]
-        case .close: set.chains(for: path).hooks[LoadedPlugins.Hook.onClose.rawValue]
-        case .reload: set.chains(for: path).hooks[LoadedPlugins.Hook.onReload.rawValue]
+        case .open: set.hooks(.onOpen, for: path)
+        case .message: set.hooks(.onMessage, for: path)
+        case .close: set.hooks(.onClose, for: path)
+        case .reload: set.hooks(.onReload, for: path)
         case .idle(let timer):
             set.chains(for: path).idleTimerPlugins.indices.contains(timer)
                 ? set.plugins[set.chains(for: path).idleTimerPlugins[timer]].onIdle.map { [(set.chains(for: path).idleTimerPlugins[timer], $0)] } ?? []
                 : []
         case .timer: [(-1, fnFireTimer)]
-        case .upgrade(_, let upgradePath): set.chains(for: upgradePath).hooks[LoadedPlugins.Hook.onUpgrade.rawValue]
+        case .upgrade(_, let upgradePath): set.hooks(.onUpgrade, for: upgradePath)
         case .route(_, let key): set.routes[key].map { [($0.plugin, $0.function)] } ?? []
         }
     }
@@ -643,7 +670,7 @@ public final class PluginHost {
             let timingSlot = (plugin >= 0 ? set.plugins[plugin].timingSlot : preludeTimingSlot) + event.timingKind.rawValue
             let outcome: LuaVM.HookOutcome = switch event {
             case .message(let data, let binary):
-                vm.runHook(function, in: thread, connection: ref, payload: data, kind: binary ? "binary" : "text")
+                vm.runHook(function, in: thread, connection: ref, payload: data, binary: binary)
             case .open, .reload, .idle:
                 vm.runHook(function, in: thread, connection: ref)
             case .close(let code, let reason):
@@ -745,7 +772,7 @@ public final class PluginHost {
     /// Queues `event` behind the connection's waiting hook; past the limits, stops reading
     /// from the client (TCP back-pressure: nothing is dropped, memory stays bounded).
     private func enqueue(_ event: ConnectionEvent, on id: Int64) {
-        guard var connection = connections[id] else { return }
+        guard let connection = connections[id] else { return }
         // An idle timer or a repeating timer that fires again while its last firing still
         // waits in the queue fires once: a long wait must not end in a burst of pushes.
         switch event {
@@ -763,7 +790,6 @@ public final class PluginHost {
             connection.readingPaused = true
             connection.handle.setReading(false)
         }
-        connections[id] = connection
     }
 
     private func resumeReadingIfDrained(_ id: Int64) {
@@ -780,6 +806,7 @@ public final class PluginHost {
         // After on_close, so that it may still look at what it subscribed to; and read again,
         // so that what on_close itself started (timers, subscriptions) goes too.
         guard let connection = connections.removeValue(forKey: id) else { return }
+        if cachedID == id { cachedConnection = nil }
         for channel in connection.channels { unsubscribe(id, from: channel) }
         for timer in connection.timers { timers.removeValue(forKey: timer)?.task?.cancel() }
         do { try vm.call(fnDropConn, [.ref(connection.ref)]) } catch { report(error, plugin: nil, hook: "close") }
@@ -1111,12 +1138,17 @@ public final class PluginHost {
 
 extension PluginHost: LuaVMDelegate {
     func luaSend(connection id: Int64, bytes: UnsafeRawBufferPointer, binary: Bool) -> Bool {
-        guard let connection = connections[id] else { return false }
-        return connection.handle.send(ByteBuffer(bytes: bytes), binary: binary)
+        guard let connection = connection(id) else { return false }
+        sendBuffer.clear()  // no allocation while the engine holds no reference to it
+        sendBuffer.writeBytes(bytes)
+        let sent = connection.handle.send(sendBuffer, binary: binary)
+        // Not kept large: a 16 MiB message once must not stay held.
+        if sendBuffer.capacity > 64 * 1024 { sendBuffer = ByteBuffer() }
+        return sent
     }
 
     func luaClose(connection id: Int64, code: UInt16, reason: String) -> Bool {
-        guard let connection = connections[id] else { return false }
+        guard let connection = connection(id) else { return false }
         return connection.handle.close(code: code, reason: reason)
     }
 
