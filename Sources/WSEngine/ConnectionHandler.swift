@@ -143,6 +143,14 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         pingSentAt = nil
         let bytes = unwrapInboundIn(data)
         counts.bytesReceived &+= bytes.readableBytes
+        // The parser is moved out for the parse and back after: the application runs inside
+        // it, and a modify access to `parser` held that long would sit in Swift's set of
+        // ongoing accesses, making every dynamic exclusivity check of the message path (in
+        // NIO's ByteBuffer and the script host alike) walk past it. Nothing else touches the
+        // parser meanwhile (reads are not re-entered).
+        var parser = FrameParser(maxFrameSize: configuration.maxFrameSize)
+        swap(&parser, &self.parser)
+        defer { swap(&parser, &self.parser) }
         do {
             try parser.parse(bytes, partial: { frame throws(ProtocolFailure) in
                 try receivePartial(frame)
