@@ -111,6 +111,28 @@ final class PluginHostTests: XCTestCase {
         XCTAssertEqual(conn.closed?.1, "done")
     }
 
+    func testSendJoinsItsPartsIntoOneMessage() throws {
+        let host = try host(["p": """
+            return { on_message = function(conn, msg)
+              if msg == "parts" then conn:send("a", 1, "é", 2.5)
+              elseif msg == "split" then conn:send("\\xC3", "\\xA9")          -- one character over two parts
+              elseif msg == "bad" then conn:send("ok", "\\xFF")
+              elseif msg == "bin" then conn:send_binary("\\0", "\\255")
+              elseif msg == "big" then conn:send(string.rep("x", 3000), string.rep("y", 3000))
+              elseif msg == "notconn" then conn.send({}, "x") end
+            end }
+            """])
+        let conn = RecordingConnection()
+        host.open(conn, id: 1, request: request)
+        for message in ["parts", "split", "bad", "bin", "big", "notconn"] { host.message(id: 1, data: text(message), binary: false) }
+        XCTAssertEqual(conn.sent.count, 4)
+        XCTAssertEqual(conn.sent[0].0, "a1é2.5")
+        XCTAssertEqual(conn.sent[1].0, "é", "UTF-8 is checked on the whole message")
+        XCTAssertEqual(conn.sent[2].1, true)
+        XCTAssertEqual(conn.sent[3].0, String(repeating: "x", count: 3000) + String(repeating: "y", count: 3000))
+        XCTAssertEqual(host.errorCount, 2, "invalid UTF-8 and a table for conn are the script's errors")
+    }
+
     func testRuntimeErrorIsCountedAndTheConnectionLives() throws {
         let host = try host([
             "a": "return { on_message = function(conn, msg)\n  error('boom')\nend }",
