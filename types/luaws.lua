@@ -17,14 +17,19 @@ local Conn = {}
 
 ---Sends a text message. Returns false if the connection is closing or closed.
 ---The text must be valid UTF-8 (an error otherwise: use `send_binary` for bytes).
----@param text string
+---Several arguments make one message of their bytes in order, without building a Lua string:
+---`conn:send("Message received: ", msg)` sends what `conn:send("Message received: " .. msg)` does.
+---@param text string|number
+---@param ... string|number
 ---@return boolean
-function Conn:send(text) end
+function Conn:send(text, ...) end
 
 ---Sends a binary message. Returns false if the connection is closing or closed.
+---Several arguments make one message, as for `send`.
 ---@param bytes string
+---@param ... string
 ---@return boolean
-function Conn:send_binary(bytes) end
+function Conn:send_binary(bytes, ...) end
 
 ---Starts the closing handshake. `code` defaults to 1000; use 3000-4999 for your own codes.
 ---@param code? integer
