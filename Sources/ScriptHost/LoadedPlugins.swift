@@ -56,7 +56,9 @@ final class LoadedPlugins {
     var generation = 0
     /// Registry reference of the Lua set table.
     var setRef: Int32 = 0
-    var plugins: [Plugin] = []
+    // Read by every event, written only while the set is prepared (before it serves): the
+    // properties every event reads skip Swift's run-time exclusivity check (see PluginHost).
+    @exclusivity(unchecked) var plugins: [Plugin] = []
     /// Sub-protocols the plugins declare, in order.
     var subprotocols: [String] = []
     /// What a connection on one path runs: for each hook (by `Hook.rawValue`), the plugins
@@ -67,9 +69,9 @@ final class LoadedPlugins {
         var idleTimerPlugins: [Int] = []
     }
     /// For paths that some plugin names in `paths`.
-    private var chainsByPath: [String: Chains] = [:]
+    @exclusivity(unchecked) private var chainsByPath: [String: Chains] = [:]
     /// For every other path (plugins without `paths`).
-    private var defaultChains = Chains()
+    @exclusivity(unchecked) private var defaultChains = Chains()
     /// Routes of every plugin: "METHOD /path" → (plugin, function).
     private(set) var routes: [String: (plugin: Int, function: Int32)] = [:]
 

@@ -70,7 +70,8 @@ final class LuaVM {
     private var apiFunctions: [String: Int32] = [:]
     /// The owner (a PluginHost, which owns this VM and so outlives it): unowned, because the
     /// hot path (every conn:send) would otherwise pay a weak load.
-    unowned(unsafe) var delegate: LuaVMDelegate?
+    /// Read on every callback from Lua, set once: no run-time exclusivity check (see PluginHost).
+    @exclusivity(unchecked) unowned(unsafe) var delegate: LuaVMDelegate?
     /// Argument slots for `callHook`, allocated once.
     private let hookArgs: UnsafeMutablePointer<luaws_arg>
     /// What a hook run did (`luaws_run_hook`), allocated once.

@@ -32,7 +32,9 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     private let configuration: ServerConfiguration
     private var state = State.open
     private var parser: FrameParser
-    private var assembler: MessageAssembler
+    /// Modified for each frame, by calls that never reach the handler again: no run-time
+    /// exclusivity check needed (it cost one walk of the set of accesses in progress per frame).
+    @exclusivity(unchecked) private var assembler: MessageAssembler
     private var context: ChannelHandlerContext?
     private(set) var connection: WebSocketConnection!
     /// Only until the application has seen it in `opened`.
@@ -74,7 +76,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     /// pipeline and one iovec per batch instead of per frame (and one TLS record). Nil between
     /// batches, so an idle connection holds no buffer. Not yet counted by the channel's
     /// writability: `corkLimit` bounds what it holds beyond `maxOutboundBytes`.
-    private var corked: ByteBuffer?
+    @exclusivity(unchecked) private var corked: ByteBuffer?
     private static let corkLimit = 64 * 1024
 
     /// permessage-deflate, if negotiated.
