@@ -32,8 +32,8 @@ final class EventStreamHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     /// The `Last-Event-ID` a reconnecting client sends.
-    static func lastEventID(_ head: HTTPRequestHead) -> UInt64? {
-        head.headers["Last-Event-ID"].first.flatMap { UInt64($0.trimmingCharacters(in: .whitespaces)) }
+    static func lastEventID(_ head: HTTPRequestHead) -> String? {
+        head.headers["Last-Event-ID"].first.map { $0.trimmingCharacters(in: .whitespaces) }
     }
 
     func handlerAdded(context: ChannelHandlerContext) {

@@ -18,8 +18,9 @@ import NIOCore
 ///
 /// A subscriber's events are written only while its channel is writable (what the socket has not
 /// taken stays under the listener's outbound bound); one whose channel stays unwritable for
-/// `Limits.stallTimeout` is closed. Events carry ids, so a client that reconnects with
-/// `Last-Event-ID` (as `EventSource` does) gets only what it missed from the history.
+/// `Limits.stallTimeout` is closed. Events carry ids (`EPOCH-N`, the epoch random per stream), so
+/// a client that reconnects with `Last-Event-ID` (as `EventSource` does) gets only what it missed
+/// from the history, and one that saw another stream (the process before a restart) all of it.
 public final class HTTPEventStream: Sendable {
     public struct Limits: Sendable {
         /// Events kept for clients that subscribe later …
@@ -113,6 +114,8 @@ public final class HTTPEventStream: Sendable {
 
     public let limits: Limits
     private let state = NIOLockedValueBox(State())
+    /// The first part of this stream's event ids.
+    private let epoch = String(UInt32.random(in: 1...UInt32.max), radix: 16)
 
     public init(limits: Limits = Limits()) {
         var limits = limits
@@ -131,7 +134,7 @@ public final class HTTPEventStream: Sendable {
             let id = state.nextID
             var buffer = ByteBuffer()
             buffer.reserveCapacity(fields.utf8.count + 24)
-            buffer.writeString("id: \(id)\n")
+            buffer.writeString("id: \(epoch)-\(id)\n")
             buffer.writeString(fields)
             guard buffer.readableBytes <= limits.maxEventBytes else {
                 state.oversized += 1
@@ -172,13 +175,15 @@ public final class HTTPEventStream: Sendable {
     /// A new subscriber on `eventLoop`, its queue filled with the history (what came after
     /// `lastEventID`, if the client says what it saw last); nil if there are `maxSubscribers`
     /// already or the stream is closed.
-    func subscribe(lastEventID: UInt64?, on eventLoop: EventLoop) -> Int? {
+    func subscribe(lastEventID: String?, on eventLoop: EventLoop) -> Int? {
         let limits = self.limits
+        // An id of another stream (of the process before a restart, say): everything is new.
+        let parts = lastEventID?.split(separator: "-", maxSplits: 1)
+        let seenHere = parts.flatMap { $0.count == 2 && $0[0] == epoch ? UInt64($0[1]) : nil }
         return state.withLockedValue { state in
             guard !state.closed, state.subscribers.count < limits.maxSubscribers else { return nil }
             var subscriber = Subscriber(eventLoop: eventLoop)
-            // An id from the future is one of an earlier process: everything is new then.
-            let seen = lastEventID.flatMap { $0 < state.nextID ? $0 : nil } ?? 0
+            let seen = seenHere.flatMap { $0 < state.nextID ? $0 : nil } ?? 0
             if let oldest = state.history.first?.id, seen > 0, oldest > seen + 1 {
                 subscriber.queue.append(.skipped(Int(oldest - seen - 1)))
                 subscriber.queuedBytes += Item.skipCost

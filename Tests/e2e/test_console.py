@@ -313,22 +313,33 @@ def test_a_reconnecting_client_gets_only_what_it_missed(scripts, start_server):
     block = first.next()
     while block.get("event") != "message":
         block = first.next()
-    last = int(block["id"])
+    seen = block["id"]
+    epoch, last = seen.split("-")
     first.close()
     replace(scripts / "echo.lua", ECHO.replace("Message received", "Got"))
     assert wait_until(lambda: status(server)["version"] == 2)
-    again = EventStream(server.admin, headers=[("Last-Event-ID", str(last))])
+    again = EventStream(server.admin, headers=[("Last-Event-ID", seen)])
     try:
         ids = []
         while True:
             block = again.next()
             if block.get("event") == "message":
-                ids.append(int(block["id"]))
+                assert block["id"].startswith(epoch + "-")
+                ids.append(int(block["id"].split("-")[1]))
                 if json.loads(block["data"])["kind"] == "reload":
                     break
-        assert ids[0] == last + 1 and ids == list(range(last + 1, last + 1 + len(ids)))
+        assert ids == list(range(int(last) + 1, int(last) + 1 + len(ids)))
     finally:
         again.close()
+    # An id of another process (one before a restart, say): the whole history.
+    other = EventStream(server.admin, headers=[("Last-Event-ID", "abc-1")])
+    try:
+        block = other.next()
+        while block.get("event") != "message":
+            block = other.next()
+        assert block["id"] == f"{epoch}-1"
+    finally:
+        other.close()
 
 
 def test_a_client_that_never_reads_costs_bounded_memory(tmp_path, start_server):
