@@ -24,6 +24,10 @@ final class EventStreamHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     /// Takes at most this much of the queue per write (then flushes, and goes on while writable).
     static let batchBytes = 64 << 10
+    /// The connection's write buffer marks while it streams: what the socket has not taken stays
+    /// this small (not the listener's `maxOutboundBytes`); the rest waits in the subscriber's
+    /// queue, where the stream bounds it and skips what does not fit.
+    static let writeBufferWaterMark = ChannelOptions.Types.WriteBufferWaterMark(low: 32 << 10, high: 64 << 10)
 
     init(stream: HTTPEventStream, subscriber key: Int, head: HTTPRequestHead) {
         self.stream = stream
@@ -37,6 +41,7 @@ final class EventStreamHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
+        try? context.channel.syncOptions?.setOption(.writeBufferWaterMark, value: Self.writeBufferWaterMark)
         var headers = HTTPHeaders([
             ("Content-Type", "text/event-stream; charset=utf-8"),
             ("Cache-Control", "no-store"),

@@ -146,6 +146,8 @@ public final class HTTPEventStream: Sendable {
             while state.history.count > limits.history || state.historyBytes > limits.historyBytes, let oldest = state.history.popFirst() {
                 state.historyBytes -= oldest.event.readableBytes
             }
+            // Once closed (the server stops), nothing more reaches a loop: they may be gone.
+            guard !state.closed else { return true }
             for key in state.subscribers.keys {
                 state.subscribers[key]!.enqueue(buffer, limit: limits.maxQueuedBytes)
                 state.subscribers[key]!.wakeIfNeeded()
