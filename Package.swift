@@ -134,7 +134,10 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "TOMLKit", package: "TOMLKit"),
                 .product(name: "Yams", package: "Yams"),
-            ]
+            ],
+            // The dev console's page, compiled into the binary (PackageResources.console_html):
+            // found wherever the binary runs from, with no bundle beside it to lose.
+            resources: [.embedInCode("Console/console.html")]
         ),
         // libFuzzer target over FuzzHarness (see dev/fuzz.sh); without -DFUZZING it replays files.
         .executableTarget(

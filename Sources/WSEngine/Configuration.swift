@@ -64,6 +64,9 @@ public struct ServerConfiguration: Sendable {
 
     /// Extra HTTP GET endpoints (exact paths), answered before the public folder: e.g. a status page.
     public var routes: [String: HTTPRoute] = [:]
+    /// Server-Sent Events endpoints (exact paths): a GET subscribes to the stream for as long as
+    /// the connection lasts. The same stream may be served at several paths and listeners.
+    public var eventStreams: [String: HTTPEventStream] = [:]
 
     /// TLS for every accepted connection (https and wss on the same port); nil: plain.
     public var security: ConnectionSecurity? = nil
@@ -91,11 +94,13 @@ public struct AdminListener: Sendable {
     /// 0 picks a free one (`WebSocketServer.adminAddress` has the one bound).
     public var port: Int
     public var routes: [String: HTTPRoute]
+    public var eventStreams: [String: HTTPEventStream]
 
-    public init(host: String, port: Int, routes: [String: HTTPRoute]) {
+    public init(host: String, port: Int, routes: [String: HTTPRoute], eventStreams: [String: HTTPEventStream] = [:]) {
         self.host = host
         self.port = port
         self.routes = routes
+        self.eventStreams = eventStreams
     }
 }
 

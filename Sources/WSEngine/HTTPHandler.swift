@@ -6,7 +6,8 @@ import NIOWebSocket
 
 /// Answers the HTTP requests that are not WebSocket upgrades: files from the public folder
 /// (`/` is `index.html`), 426 for plain requests to a WebSocket path, 400 for a broken handshake,
-/// 404 and 405 otherwise. Never serves anything outside the public folder.
+/// 404 and 405 otherwise. Never serves anything outside the public folder. A GET for an event
+/// stream's path hands the connection to an `EventStreamHandler` (503 past its subscribers).
 ///
 /// Pipelined requests do not pile up responses: NIO's HTTPServerPipelineHandler hands over the
 /// next request as soon as a response is *written*, not sent, so a client that pipelines
@@ -77,7 +78,7 @@ final class HTTPHandler: ChannelDuplexHandler, RemovableChannelHandler {
             self.head = head
             bodyTooLarge = false
             let path = head.pathAndQuery.path
-            let routed = configuration.routes[path] == nil && !configuration.webSocketPaths.contains(path)
+            let routed = configuration.routes[path] == nil && configuration.eventStreams[path] == nil && !configuration.webSocketPaths.contains(path)
                 && loop?.value.application.hasRoute(method: head.method.rawValue, path: path) == true
             body = routed ? context.channel.allocator.buffer(capacity: 0) : nil
         case .body(var part):
@@ -184,6 +185,21 @@ final class HTTPHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 case .failure:
                     handler.send(.internalServerError, "Internal server error\n", head: head, context: context)
                 }
+            }
+            return
+        }
+        if let stream = configuration.eventStreams[path], head.method == .GET {
+            guard let subscriber = stream.subscribe(lastEventID: EventStreamHandler.lastEventID(head), on: context.eventLoop) else {
+                send(.serviceUnavailable, "Too many event stream subscribers\n", extra: [("Retry-After", "5")], head: head, context: context)
+                return
+            }
+            // The connection is the stream's from now on (see EventStreamHandler).
+            let handler = EventStreamHandler(stream: stream, subscriber: subscriber, head: head)
+            do {
+                try context.pipeline.syncOperations.addHandler(handler, position: .after(self))
+            } catch {
+                stream.unsubscribe(subscriber)
+                context.close(promise: nil)
             }
             return
         }

@@ -108,6 +108,7 @@ public final class WebSocketServer: Sendable {
         var settings = ServerConfiguration()
         settings.webSocketPaths = []
         settings.routes = listener.routes
+        settings.eventStreams = listener.eventStreams
         settings.handshakeTimeout = configuration.handshakeTimeout
         settings.maxOutboundBytes = configuration.maxOutboundBytes
         let admin = settings
@@ -150,6 +151,10 @@ public final class WebSocketServer: Sendable {
     public func shutdown(code: UInt16 = 1001, reason: String = "server shutting down", grace: TimeAmount = .seconds(2)) async {
         try? await serverChannel.close()
         try? await adminChannel?.close()
+        // An event stream's response never ends by itself: its connections are closed now, while
+        // the loops still run (nothing else waits for them).
+        for stream in configuration.eventStreams.values { stream.close() }
+        for stream in (configuration.admin?.eventStreams ?? [:]).values { stream.close() }
         await withTaskGroup(of: Void.self) { tasks in
             for loop in group.makeIterator() {
                 guard let state = loops[ObjectIdentifier(loop)] else { continue }

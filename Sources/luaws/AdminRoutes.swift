@@ -5,16 +5,24 @@ import ScriptHost
 import WSEngine
 
 /// What operators ask the server: `/luaws/status` (plugins, last reload, per-loop figures),
-/// `/metrics` (Prometheus), `/healthz` (the process serves) and `/readyz` (the plugins are
-/// loaded and the listener is up). Served by the admin listener (`--admin`), and on the public
-/// one only with `--admin-on-public`.
+/// `/metrics` (Prometheus), `/healthz` (the process serves), `/readyz` (the plugins are
+/// loaded and the listener is up), and the dev console (`/luaws/console`, its info and its live
+/// events, `/luaws/events`). Served by the admin listener (`--admin`), and on the public one
+/// only with `--admin-on-public`.
 ///
 /// The routes are made before the server exists (they are part of its configuration): the
-/// server is handed over with `serving(_:)` once it listens, and until then `/readyz` says 503
-/// and `/metrics` has no engine figures.
+/// server is handed over with `serving(_:)` once it listens, and until then `/readyz` says 503,
+/// `/metrics` has no engine figures and the console's info has port 0.
 final class AdminRoutes: Sendable {
     static let statusPath = "/luaws/status"
-    static let paths = [statusPath, "/metrics", "/healthz", "/readyz"]
+    static let paths = [statusPath, "/metrics", "/healthz", "/readyz", ConsolePage.path, ConsolePage.infoPath, ConsolePage.eventsPath]
+
+    /// The public listener, for the console's info.
+    struct PublicListener: Sendable {
+        var host: String
+        var tls: Bool
+        var webSocketPaths: [String]
+    }
 
     private let cluster: ScriptCluster
     private let scripts: String
@@ -25,10 +33,15 @@ final class AdminRoutes: Sendable {
     private let bus: RedisBus?
     private let requireRedis: Bool
     private let server = NIOLockedValueBox<WebSocketServer?>(nil)
+    private let feed: EventFeed
+    private let publicListener: PublicListener
 
     init(cluster: ScriptCluster, scripts: String, exporter: MetricsExporter, bus: RedisBus? = nil, requireRedis: Bool = false,
+         feed: EventFeed, publicListener: PublicListener,
          reloadCounts: @escaping @Sendable () -> [String: Int],
          certificateReloadCounts: @escaping @Sendable () -> [String: Int]) {
+        self.feed = feed
+        self.publicListener = publicListener
         self.cluster = cluster
         self.bus = bus
         self.requireRedis = requireRedis
@@ -60,7 +73,19 @@ final class AdminRoutes: Sendable {
                 return eventLoop.makeSucceededFuture(HTTPRouteResponse(
                     status: ready ? 200 : 503, contentType: "text/plain; charset=utf-8", body: ready ? "ready\n" : "starting\n"))
             },
+            ConsolePage.path: { eventLoop in
+                eventLoop.makeSucceededFuture(HTTPRouteResponse(contentType: "text/html; charset=utf-8", body: ConsolePage.html))
+            },
+            ConsolePage.infoPath: { [server, publicListener] eventLoop in
+                let port = server.withLockedValue { $0?.localAddress?.port } ?? 0
+                return eventLoop.makeSucceededFuture(ConsolePage.info(
+                    host: publicListener.host, port: port, tls: publicListener.tls, paths: publicListener.webSocketPaths))
+            },
         ]
+    }
+
+    var eventStreams: [String: HTTPEventStream] {
+        [ConsolePage.eventsPath: feed.stream]
     }
 
     private func metrics() async -> HTTPRouteResponse {

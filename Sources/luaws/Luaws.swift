@@ -189,11 +189,15 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("tls-key"), help: "PEM private key of --tls-cert.")
     var tlsKey: String?
 
-    @Option(help: "HOST:PORT of a separate plain-HTTP listener for /luaws/status, /metrics, /healthz and /readyz (port 0 picks a free one).")
+    @Option(help: "HOST:PORT of a separate plain-HTTP listener for /luaws/status, /metrics, /healthz, /readyz and the dev console, /luaws/console (port 0 picks a free one).")
     var admin: String?
 
-    @Flag(help: "Also serve /luaws/status, /metrics, /healthz and /readyz on the public listener (for development).")
+    @Flag(help: "Also serve /luaws/status, /metrics, /healthz, /readyz and the dev console (/luaws/console) on the public listener (for development).")
     var adminOnPublic = false
+
+    // Seconds between the console's keep-alive comments (/luaws/events): tests shorten it.
+    @Option(help: .hidden)
+    var consoleKeepAlive = 15.0
 
     @Option(help: "on or off: one log line per closed WebSocket connection, at info.")
     var accessLog = Switch.on
@@ -212,7 +216,7 @@ struct Serve: AsyncParsableCommand {
         for item in vars where !item.contains("=") {
             throw ValidationError("--var takes NAME=VALUE, got '\(item)'")
         }
-        for value in [handshakeTimeout, pingInterval, pongTimeout, shutdownTimeout, hookTimeout, httpTimeout] where !(value > 0 && value <= 1e9) {
+        for value in [handshakeTimeout, pingInterval, pongTimeout, shutdownTimeout, hookTimeout, httpTimeout, consoleKeepAlive] where !(value > 0 && value <= 1e9) {
             throw ValidationError("timeouts and intervals must be positive numbers of seconds, at most 1e9")
         }
         if !(idleTimeout >= 0 && idleTimeout <= 1e9) {
@@ -254,7 +258,12 @@ struct Serve: AsyncParsableCommand {
         let signals = await Signals.stream([SIGINT, SIGTERM, SIGHUP])
         let level = logLevel
         let format = logFormat
-        LoggingSystem.bootstrap { label in LineLogHandler(label: label, format: format, level: level) }
+        // Every log line also goes to the dev console's feed (/luaws/events), which keeps the
+        // last ones for a console that opens later.
+        var feedLimits = HTTPEventStream.Limits()
+        feedLimits.keepAlive = .option(consoleKeepAlive)
+        let feed = EventFeed(stream: HTTPEventStream(limits: feedLimits))
+        LoggingSystem.bootstrap { label in FeedLogHandler(LineLogHandler(label: label, format: format, level: level), feed: feed) }
         let logger = Logger(label: "luaws")
 
         let plugins: PluginSet
@@ -346,16 +355,20 @@ struct Serve: AsyncParsableCommand {
         let cluster = ScriptCluster(
             plugins: plugins, vars: pluginVars, limits: limits, logger: logger, services: services,
             reservedPaths: webSocketPaths + (adminOnPublic ? AdminRoutes.paths : []), bus: linkedBus, remoteStore: remoteStore)
-        let reloader = Reloader(scripts: scripts, cluster: cluster, logger: logger)
+        let reloader = Reloader(scripts: scripts, cluster: cluster, logger: logger, feed: feed)
         let exporter = MetricsExporter()
         exporter.bootstrapMetricsSystem()
         let adminRoutes = AdminRoutes(
             cluster: cluster, scripts: scripts, exporter: exporter, bus: linkedBus, requireRedis: redisRequired,
+            feed: feed, publicListener: .init(host: host, tls: certificates != nil, webSocketPaths: webSocketPaths),
             reloadCounts: { reloader.reloadCounts },
             certificateReloadCounts: { [certificates] in certificates?.reloadCounts ?? [:] })
-        if adminOnPublic { configuration.routes.merge(adminRoutes.routes) { _, new in new } }
+        if adminOnPublic {
+            configuration.routes.merge(adminRoutes.routes) { _, new in new }
+            configuration.eventStreams.merge(adminRoutes.eventStreams) { _, new in new }
+        }
         if let admin, let (adminHost, adminPort) = parseHostPort(admin) {
-            configuration.admin = AdminListener(host: adminHost, port: adminPort, routes: adminRoutes.routes)
+            configuration.admin = AdminListener(host: adminHost, port: adminPort, routes: adminRoutes.routes, eventStreams: adminRoutes.eventStreams)
         }
 
         let server: WebSocketServer

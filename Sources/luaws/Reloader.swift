@@ -19,13 +19,16 @@ final class Reloader: Sendable {
     private let stream: AsyncStream<String>
     /// Reloads by result (`success`, `failure`), for `/metrics`.
     private let results = NIOLockedValueBox<[String: Int]>([:])
+    /// The dev console's feed: each result goes there as a reload event.
+    private let feed: EventFeed?
 
     var reloadCounts: [String: Int] { results.withLockedValue { $0 } }
 
-    init(scripts: String, cluster: ScriptCluster, logger: Logger) {
+    init(scripts: String, cluster: ScriptCluster, logger: Logger, feed: EventFeed? = nil) {
         self.scripts = scripts
         self.cluster = cluster
         self.logger = logger
+        self.feed = feed
         (stream, requests) = AsyncStream.makeStream(of: String.self, bufferingPolicy: .bufferingNewest(1))
     }
 
@@ -47,23 +50,33 @@ final class Reloader: Sendable {
         do {
             set = try PluginSet.read(from: scripts)
         } catch let error as PluginLoadError {
-            results.withLockedValue { $0["failure", default: 0] += 1 }
-            logger.error("reload (\(why)) failed, previous scripts keep serving: \(error.message)")
+            failed(because: why, error.message)
             return
         } catch {
-            results.withLockedValue { $0["failure", default: 0] += 1 }
-            logger.error("reload (\(why)) failed, previous scripts keep serving: \(error)")
+            failed(because: why, "\(error)")
             return
         }
         let outcome = await cluster.reload(set)
-        results.withLockedValue { $0[(try? outcome.get()) == nil ? "failure" : "success", default: 0] += 1 }
         switch outcome {
         case .success(let status):
-            logger.info("reloaded (\(why)): version \(status.version), plugins: \(status.plugins.joined(separator: ", "))")
+            results.withLockedValue { $0["success", default: 0] += 1 }
+            // Not an error, so not at --log-level warning: the console still shows it (the feed
+            // gets every result, whatever the level; the line is marked so it is not there twice).
+            feed?.reload(reason: why, version: status.version, plugins: status.plugins, error: nil)
+            logger.info("reloaded (\(why)): version \(status.version), plugins: \(status.plugins.joined(separator: ", "))", metadata: feedMark)
         case .failure(let error):
-            logger.error("reload (\(why)) failed, previous scripts keep serving: \(error.message)")
+            failed(because: why, error.message)
         }
     }
+
+    private func failed(because why: String, _ message: String) {
+        results.withLockedValue { $0["failure", default: 0] += 1 }
+        feed?.reload(reason: why, version: nil, plugins: nil, error: message)
+        logger.error("reload (\(why)) failed, previous scripts keep serving: \(message)", metadata: feedMark)
+    }
+
+    /// The log lines of a result the feed has already.
+    private var feedMark: Logger.Metadata? { feed == nil ? nil : EventFeed.reported }
 
     /// Watches the scripts with inotify, on a thread of its own, and asks for a reload whenever
     /// a `.lua` file below them is written, moved, created or deleted (see `ScriptsWatcher`).
