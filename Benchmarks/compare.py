@@ -13,6 +13,9 @@ Swift-only, 2 event loops); a peer that does not agree to permessage-deflate is 
 supporting it. --scale: only 50, 500, 2,000 and 5,000 connections with 2 messages of 16 B in
 flight each, against luaws (1 event loop), Node and nginx + ngx_lua, with each one's growth
 from 50 to 5,000. The run without --quick has both.
+--check BASELINE --now NOW [--tolerance PCT] (compare.sh --check runs instructions.sh for NOW):
+compares two `Benchmarks/instructions.sh --json` files, prints baseline / now / change, and
+exits 1 if a figure grew by more than PCT % (default 5), else 0. Starts nothing.
 --io: only the loads of hooks that wait (luaws alone): luaws.sleep(0), luaws.http.request to a
 local nginx, and fan-out to 1,000 subscribers over 2 processes with --cluster on a local
 redis-server, beside one process without Redis and redis-benchmark's PUBLISH rate. The full
