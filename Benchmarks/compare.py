@@ -7,6 +7,15 @@ messages/s, latency percentiles, and the server's CPU time per message read from
 /proc/PID/stat (utime+stime of all its processes over the measured window).
 
 --quick: only the two 16-byte loads. --full: also 19,000 idle connections with the 10 s push.
+--sizes: only the 1 KiB and 64 KiB echo loads of JSON-like text, each without and with
+permessage-deflate (wsbench -j, -z), against Node, nginx + ngx_lua and luaws (default scripts,
+Swift-only, 2 event loops); a peer that does not agree to permessage-deflate is reported as not
+supporting it. --scale: only 50, 500, 2,000 and 5,000 connections with 2 messages of 16 B in
+flight each, against luaws (1 event loop), Node and nginx + ngx_lua, with each one's growth
+from 50 to 5,000. The run without --quick has both.
+--check BASELINE --now NOW [--tolerance PCT] (compare.sh --check runs instructions.sh for NOW):
+compares two `Benchmarks/instructions.sh --json` files, prints baseline / now / change, and
+exits 1 if a figure grew by more than PCT % (default 5), else 0. Starts nothing.
 --io: only the loads of hooks that wait (luaws alone): luaws.sleep(0), luaws.http.request to a
 local nginx, and fan-out to 1,000 subscribers over 2 processes with --cluster on a local
 redis-server, beside one process without Redis and redis-benchmark's PUBLISH rate. The full
@@ -37,6 +46,11 @@ QUICK = "--quick" in sys.argv
 FULL = "--full" in sys.argv
 IO_ONLY = "--io" in sys.argv
 TLS_ONLY = "--tls" in sys.argv
+SIZES_ONLY = "--sizes" in sys.argv
+SCALE_ONLY = "--scale" in sys.argv
+# Each load with many connections ends after SCALE_MESSAGES replies or DURATION seconds.
+SCALE_MESSAGES = int(os.environ.get("SCALE_MESSAGES", "1000000"))
+SCALE_CONNECTIONS = [50, 500, 2000, 5000]
 # Fan-out: messages published per run (each reaches every subscriber), after FANOUT_WARMUP.
 FANOUT_MESSAGES = int(os.environ.get("FANOUT_MESSAGES", "1000"))
 FANOUT_WARMUP = int(os.environ.get("FANOUT_WARMUP", "100"))
@@ -134,7 +148,12 @@ def wsbench(port, pids, *args, backend=None, ports=None):
     cmd = [str(WSBENCH), *args, "-P", ",".join(map(str, pids))]
     if backend:
         cmd += ["-B", ",".join(map(str, backend))]
-    out = subprocess.run(cmd + urls, capture_output=True, text=True, timeout=600)
+    # wsbench bounds itself (connections open within 20 s, then -w + -d, -H or the fan-out's -d);
+    # this is the bound of last resort.
+    try:
+        out = subprocess.run(cmd + urls, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return {"error": f"wsbench {' '.join(args)} did not end within 600 s"}
     try:
         return json.loads(out.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
@@ -142,6 +161,8 @@ def wsbench(port, pids, *args, backend=None, ports=None):
 
 
 def measure(key, loads):
+    """Runs every load whose peer list (the third item, None: every peer) has `key`."""
+    loads = [(n, a) for n, a, *who in loads if not who or who[0] is None or key in who[0]]
     peer = PEERS[key] or nginx_peer()
     port = free_port()
     results = {}
@@ -178,6 +199,8 @@ def measure(key, loads):
 def fmt(r, field, digits=0):
     if "error" in r:
         return "error"
+    if "unsupported" in r:
+        return "-"
     v = r.get(field)
     return f"{v:,.{digits}f}" if isinstance(v, (int, float)) else "-"
 
@@ -567,51 +590,232 @@ def print_tls(results, titles):
     print("```")
 
 
-def main():
-    d = str(DURATION)
+ALL_PEERS = ["reference", "node", "nginx", "luaws", "luaws-builtin", "luaws-2"]
+# The reference (uvicorn) is left out of the loads added with issue 13: it is the slowest by far
+# at 16 B and refuses connections short of 5,000.
+SIZE_PEERS = ["node", "nginx", "luaws", "luaws-builtin", "luaws-2"]
+SCALE_PEERS = ["node", "nginx", "luaws"]
+SIZES = [("1 KiB", 1024), ("64 KiB", 65536)]
+
+
+def size_load(label, deflate):
+    return f"ping-pong 50×{label} JSON-like text, " + ("permessage-deflate" if deflate else "uncompressed")
+
+
+def size_loads(d):
+    """1 KiB and 64 KiB, each without and with permessage-deflate, on the same JSON-like text
+    (wsbench -j: it compresses about 2.2:1 on its own, as chat messages do)."""
+    return [(size_load(label, z), ["-c", "50", "-p", "1", "-s", str(size), "-j", *(["-z"] if z else []), "-d", d],
+             SIZE_PEERS)
+            for label, size in SIZES for z in (False, True)]
+
+
+def scale_load(c):
+    return f"{c:,} connections × 2 in flight, 16 B"
+
+
+def scale_loads(d):
+    """Growing work: C connections, each with 2 messages in flight; ends after SCALE_MESSAGES
+    replies or DURATION seconds (and wsbench waits at most 20 s for the connections to open)."""
+    return [(scale_load(c), ["-c", str(c), "-p", "2", "-s", "16", "-n", str(SCALE_MESSAGES), "-d", d], SCALE_PEERS)
+            for c in SCALE_CONNECTIONS]
+
+
+def errors_of(r):
+    if "error" in r:
+        return "error"
+    return r.get("errors", 0) + r.get("mismatches", 0) + max(0, r.get("connections", 0) - r.get("open", r.get("connections", 0)))
+
+
+def cpu_of(r):
+    v = r.get("server_cpu_us_per_msg")
+    return v if isinstance(v, (int, float)) and v > 0 and not errors_of(r) else None
+
+
+def print_echo_table(name, keys, table):
+    print(f"### {name}\n")
+    print("| server | msg/s | server CPU µs/msg | p50 µs | p99 µs | p99.9 µs | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for key in keys:
+        title, results = table[key]
+        r = results[name]
+        print(f"| {title} | {fmt(r, 'msg_per_s')} | {fmt(r, 'server_cpu_us_per_msg', 2)} | {fmt(r, 'p50_us')} | "
+              f"{fmt(r, 'p99_us')} | {fmt(r, 'p999_us')} | {errors_of(r)} |")
+    print()
+    if "16 B" in name and "luaws" in keys and "luaws-2" in keys:
+        one, two = table["luaws"][1][name], table["luaws-2"][1][name]
+        if cpu_of(one) and cpu_of(two):
+            print(f"2 loops / 1 loop CPU per message: {cpu_of(two) / cpu_of(one):.2f}× "
+                  f"({cpu_of(two):.2f} vs {cpu_of(one):.2f} µs; p99 {fmt(two, 'p99_us')} µs at 2 loops, "
+                  f"{fmt(one, 'p99_us')} µs at 1)\n")
+        else:
+            print("2 loops / 1 loop CPU per message: - (a run failed)\n")
+
+
+def print_size_tables(keys, table):
+    for label, size in SIZES:
+        plain, deflated = size_load(label, False), size_load(label, True)
+        print(f"### ping-pong 50×{label} JSON-like text, without and with permessage-deflate\n")
+        print("| server | permessage-deflate | msg/s | server CPU µs/msg | p50 µs | p99 µs | bytes/msg on the wire "
+              "(sent / received) | errors |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        for key in keys:
+            title, results = table[key]
+            for name, z in ((plain, "off"), (deflated, "on")):
+                r = results[name]
+                if "unsupported" in r:
+                    print(f"| {title} | {z} | not supported | | | | | |")
+                    continue
+                wire = (f"{r['wire_bytes_out_per_msg']:,.0f} / {r['wire_bytes_in_per_msg']:,.0f}"
+                        if "wire_bytes_out_per_msg" in r else "-")
+                print(f"| {title} | {z} | {fmt(r, 'msg_per_s')} | {fmt(r, 'server_cpu_us_per_msg', 2)} | "
+                      f"{fmt(r, 'p50_us')} | {fmt(r, 'p99_us')} | {wire} | {errors_of(r)} |")
+        prices = []
+        for key in keys:
+            title, results = table[key]
+            a, b = results[plain], results[deflated]
+            if "unsupported" in b:
+                prices.append(f"{title}: not supported")
+            elif cpu_of(a) and cpu_of(b):
+                prices.append(f"{title}: +{cpu_of(b) - cpu_of(a):,.2f} µs (×{cpu_of(b) / cpu_of(a):.1f})")
+        print(f"\npermessage-deflate's price in server CPU per message ({size:,}-byte messages, replies "
+              f"{size + 18:,} bytes, each compressed on its own): " + "; ".join(prices) + ".\n")
+
+
+def print_scale_table(keys, table):
+    print(f"### Cost as the work grows: C connections × 2 messages of 16 B in flight each (each run ends "
+          f"after {SCALE_MESSAGES:,} replies or {DURATION:g} s)\n")
+    print("| server | connections | msg/s | server CPU µs/msg | p50 µs | p99 µs | p99.9 µs | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for key in keys:
+        title, results = table[key]
+        for c in SCALE_CONNECTIONS:
+            r = results[scale_load(c)]
+            print(f"| {title} | {c:,} | {fmt(r, 'msg_per_s')} | {fmt(r, 'server_cpu_us_per_msg', 2)} | "
+                  f"{fmt(r, 'p50_us')} | {fmt(r, 'p99_us')} | {fmt(r, 'p999_us')} | {errors_of(r)} |")
+    print()
+    lo, hi = scale_load(SCALE_CONNECTIONS[0]), scale_load(SCALE_CONNECTIONS[-1])
+    for key in sorted(keys, key=lambda k: k != "luaws"):
+        title, results = table[key]
+        a, b = cpu_of(results[lo]), cpu_of(results[hi])
+        growth = f"×{b / a:.2f} ({a:.2f} → {b:.2f} µs/msg)" if a and b else "- (a run failed)"
+        lead = "**luaws growth factor**" if key == "luaws" else f"{title} growth"
+        print(f"{lead}, CPU per message at {SCALE_CONNECTIONS[-1]:,} ÷ at {SCALE_CONNECTIONS[0]:,} connections: "
+              f"{growth}\n")
+
+
+def enough_descriptors(needed):
+    """Raises the soft limit on open files to the hard one, and the hard one too when allowed
+    (root); says so when `needed` (per process) is still out of reach."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 1,000 subscribers and more
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
+            return
+        except (ValueError, OSError):
+            print(f"-- ulimit -n: hard limit {hard} < {needed}: the largest loads will fail", file=sys.stderr)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# ---------------------------------------------------------------- regression guard (--check)
+
+def option(name, default=None):
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv and sys.argv.index(name) + 1 < len(sys.argv) \
+        else default
+
+
+def check_instructions(baseline_path, now_path, tolerance):
+    """Compares the figures of two `instructions.sh --json` files: a table baseline / now /
+    change, and 1 if any figure grew by more than `tolerance` %, else 0. A figure in only one
+    of the files is shown and not judged."""
+    baseline = json.loads(Path(baseline_path).read_text())
+    now = json.loads(Path(now_path).read_text())
+
+    def figure(entry):
+        return next(((k[len("instructions_per_"):], v) for k, v in entry.items() if k.startswith("instructions_per_")),
+                    (None, None))
+
+    print(f"\n### Instructions per message (Benchmarks/instructions.sh): now against {baseline_path}, "
+          f"tolerance +{tolerance:g} %\n")
+    print("| figure | baseline | now | change | |")
+    print("|---|---:|---:|---:|---|")
+    grown = []
+    for name in list(baseline) + [k for k in now if k not in baseline]:
+        unit, base = figure(baseline.get(name, {}))
+        unit_now, value = figure(now.get(name, {}))
+        label = f"{name} (per {unit or unit_now})"
+        if base is None or value is None:
+            print(f"| {label} | {base if base is not None else '-'} | {value if value is not None else '-'} | - | "
+                  f"not compared |")
+            continue
+        change = (value - base) / base * 100
+        verdict = "ok"
+        if change > tolerance:
+            verdict = f"**grew past +{tolerance:g} %**"
+            grown.append(f"{name} {change:+.1f} %")
+        print(f"| {label} | {base:,} | {value:,} | {change:+.2f} % | {verdict} |")
+    print()
+    if grown:
+        print(f"check: FAILED: {', '.join(grown)} (tolerance +{tolerance:g} %)")
+        return 1
+    print(f"check: ok, no figure grew by more than {tolerance:g} %")
+    return 0
+
+
+def main():
+    if "--check" in sys.argv:
+        sys.exit(check_instructions(option("--check"), option("--now"), float(option("--tolerance", "5"))))
+    d = str(DURATION)
+    # 1,000 subscribers, 5,000 active and 19,000 idle connections: the servers inherit the limit.
+    enough_descriptors(20000)
     if TLS_ONLY:
         print_tls(*run_tls(d))
         return
     if IO_ONLY:
         print_io(run_io(d))
         return
-    loads = [
+    sixteen = [
         ("ping-pong 50×16 B", ["-c", "50", "-p", "1", "-s", "16", "-d", d]),
         ("saturating 50×16 in flight, 16 B", ["-c", "50", "-p", "16", "-s", "16", "-d", d]),
     ]
-    if not QUICK:
-        loads += [
+    if SIZES_ONLY or SCALE_ONLY:
+        loads = (size_loads(d) if SIZES_ONLY else []) + (scale_loads(d) if SCALE_ONLY else [])
+        order = [k for k in ALL_PEERS if (SIZES_ONLY and k in SIZE_PEERS) or (SCALE_ONLY and k in SCALE_PEERS)]
+    elif QUICK:
+        loads, order = sixteen, ALL_PEERS
+    else:
+        loads = sixteen + [
             ("ping-pong 50×4 KiB", ["-c", "50", "-p", "1", "-s", "4096", "-d", d]),
             ("ping-pong 50×64 KiB", ["-c", "50", "-p", "1", "-s", "65536", "-d", d]),
             ("ping-pong 1×16 B", ["-c", "1", "-p", "1", "-s", "16", "-d", d]),
             ("ping-pong 500×16 B", ["-c", "500", "-p", "1", "-s", "16", "-d", d]),
+            *size_loads(d),
+            *scale_loads(d),
             ("idle 5,000", ["-m", "idle", "-c", "5000", "-H", "4"]),
         ]
-    order = ["reference", "node", "nginx", "luaws", "luaws-builtin", "luaws-2"]
+        order = ALL_PEERS
     table = {}
     for key in order:
         print(f"-- {key}", file=sys.stderr, flush=True)
         table[key] = measure(key, loads)
 
+    def ran(name):
+        return [k for k in order if name in table[k][1]]
+
     print(f"\n## luaws and its peers — {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, loopback, "
           f"wsbench (C, 1 thread), {DURATION:g} s per load after 1 s warm-up, "
           f"16-byte loads: median of {REPEAT} runs by server CPU per message\n")
-    for name, _ in loads:
-        if name.startswith("idle"):
+    names = [n for n, *_ in loads]
+    for name in names:
+        if name.startswith("idle") or name in {size_load(l, z) for l, _ in SIZES for z in (False, True)} \
+                or name in {scale_load(c) for c in SCALE_CONNECTIONS}:
             continue
-        print(f"### {name}\n")
-        print("| server | msg/s | server CPU µs/msg | p50 µs | p99 µs | p99.9 µs | errors |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
-        for key in order:
-            title, results = table[key]
-            r = results[name]
-            errs = "error" if "error" in r else r.get("errors", 0) + r.get("mismatches", 0)
-            print(f"| {title} | {fmt(r, 'msg_per_s')} | {fmt(r, 'server_cpu_us_per_msg', 2)} | {fmt(r, 'p50_us')} | "
-                  f"{fmt(r, 'p99_us')} | {fmt(r, 'p999_us')} | {errs} |")
-        print()
-    if not QUICK:
+        print_echo_table(name, ran(name), table)
+    if size_load(SIZES[0][0], False) in names:
+        print_size_tables(ran(size_load(SIZES[0][0], False)), table)
+    if scale_load(SCALE_CONNECTIONS[0]) in names:
+        print_scale_table(ran(scale_load(SCALE_CONNECTIONS[0])), table)
+    if "idle 5,000" in names:
         print("### RSS per idle connection (5,000 idle connections)\n")
         print("| server | KB per connection | connections open |")
         print("|---|---:|---:|")
@@ -641,7 +845,7 @@ def main():
         print(json.dumps(r))
         print("```")
 
-    if not QUICK:
+    if not (QUICK or SIZES_ONLY or SCALE_ONLY):
         print_io(run_io(d))
 
 

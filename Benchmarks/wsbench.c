@@ -20,6 +20,19 @@
  *   server's CPU per delivery (-P) and the backend's (-B, e.g. Redis), and how many
  *   subscribers received all W + N messages. Bounded: N messages or -d seconds, whichever first.
  * -B PIDS: a backend's processes (an HTTP server, Redis), whose CPU is reported separately.
+ * -j: JSON-like text payloads (echo mode): {"seq":"<20 digits>",...,"text":"<words>"}, S bytes,
+ *   each message's words a different slice of a fixed text, so that they compress as chat
+ *   messages do (about 3:1), not as the default padding ('x' repeated) does.
+ * -z: permessage-deflate (RFC 7692, echo mode): offers "permessage-deflate;
+ *   client_no_context_takeover; server_no_context_takeover", compresses every message on its own
+ *   (raw deflate, window 15, sync flush, the 00 00 ff ff tail removed, RSV1 set) and inflates
+ *   every reply that has RSV1 (a fresh context each: no context takeover), then checks it byte
+ *   for byte as usual. A server that does not accept the offer (or keeps its context) is not
+ *   measured: wsbench reports "unsupported" and exits with status 3.
+ * -n N (echo mode): end the measured window after N replies, or at -d, whichever comes first.
+ * Connections open 200 at a time. In echo mode none sends until all are open (at most 20 s;
+ * "open_seconds" says how long it took, "open" how many were open at the end); then the
+ * warm-up (-w), then the measured window.
  * Several ws:// URLs: connections are spread over them round-robin (several processes).
  *
  * Loopback only: the host must be 127.0.0.1 or ::1. Every run is bounded by -d / -H.
@@ -39,6 +52,7 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+#include <zlib.h>
 
 typedef struct {
     int fd;
@@ -54,6 +68,7 @@ typedef struct {
     int role;               /* 0 echo/idle, 1 subscriber, 2 publisher */
     int ready;              /* subscriber: the server said it is subscribed */
     uint64_t received;      /* subscriber: messages received */
+    int deflate;            /* permessage-deflate was agreed */
 } conn_t;
 
 static uint64_t now_ns(void) {
@@ -127,9 +142,10 @@ static long long server_rss_kb(void) {
 }
 
 /* ---- options ---- */
-static int C = 50, P = 1, S = 16, idle_mode = 0, fanout_mode = 0;
+static int C = 50, P = 1, S = 16, idle_mode = 0, fanout_mode = 0, json_payload = 0, deflate_mode = 0;
 static double duration = 5, warmup = 1, hold = 12, period = 0;
-static uint64_t fan_n = 2000, fan_warm = 200;
+static uint64_t fan_n = 2000, fan_warm = 200, count_n = 0;
+static int count_given = 0;
 static const char *prefix = "Message received: ";
 typedef struct { char host[64]; char path[256]; int port; } target_t;
 #define MAX_TARGETS 8
@@ -149,34 +165,111 @@ static void out_reserve(conn_t *c, size_t more) {
     c->out = realloc(c->out, c->out_cap);
 }
 
-/* The payload of message `seq`: its number in 20 digits, padded with 'x' to S bytes. */
+/* -j: a fixed text of words (xorshift-chosen from a small vocabulary, so it compresses as prose
+ * does) that JSON-like payloads take slices of. */
+#define CORPUS_SPAN (1 << 18)
+static char *corpus;
+static void make_corpus(void) {
+    static const char *words[] = {
+        "hello", "world", "luaws", "message", "the", "a", "chat", "room", "lobby", "user", "sent",
+        "received", "is", "are", "was", "to", "from", "and", "or", "not", "with", "without", "this",
+        "that", "server", "client", "socket", "frame", "text", "binary", "ping", "pong", "close",
+        "open", "event", "loop", "plugin", "hook", "script", "state", "table", "string", "number",
+        "true", "false", "null", "yes", "no", "ok", "error", "retry", "later", "now", "today",
+        "tomorrow", "42", "7", "1999", "2026", "3.14", "alice", "bob", "carol", "dave"};
+    size_t nwords = sizeof words / sizeof *words, len = CORPUS_SPAN + (size_t)S + 64, n = 0;
+    uint64_t x = 88172645463325252ull;
+    corpus = malloc(len);
+    while (n < len) {
+        x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+        const char *w = words[x % nwords];
+        size_t wl = strlen(w);
+        for (size_t i = 0; i <= wl && n < len; i++) corpus[n++] = i < wl ? w[i] : (x >> 40) % 11 == 0 ? ',' : ' ';
+    }
+}
+
+/* The payload of message `seq`: its number in 20 digits, padded with 'x' to S bytes; with -j,
+ * a JSON-like object with the number first and a slice of the corpus as its text. */
 static void payload_of(uint64_t seq, char *buf) {
+    if (json_payload) {
+        char head[160];
+        int h = snprintf(head, sizeof head, "{\"seq\":\"%020llu\",\"user\":\"user%llu\",\"room\":\"lobby\","
+                         "\"ts\":%llu,\"text\":\"", (unsigned long long)seq, (unsigned long long)(seq * 7919 % 500),
+                         (unsigned long long)(1764000000 + seq));
+        if (S < h + 2) { memcpy(buf, head, (size_t)S); return; }
+        memcpy(buf, head, (size_t)h);
+        size_t from = (size_t)((seq * 2654435761ull) % CORPUS_SPAN);
+        memcpy(buf + h, corpus + from, (size_t)(S - h - 2));
+        memcpy(buf + S - 2, "\"}", 2);
+        return;
+    }
     char num[32];
     int n = snprintf(num, sizeof num, "%020llu", (unsigned long long)seq);
     if (S >= n) { memcpy(buf, num, (size_t)n); memset(buf + n, 'x', (size_t)(S - n)); }
     else memcpy(buf, num + (n - S), (size_t)S);
 }
 
+static uint64_t messages, mismatches, errors, pushes_total, late_pushes;
+static uint64_t sent_measured, wire_out, wire_in, compressed_replies;
+static int measuring;
+
+/* ---- permessage-deflate (-z): one deflate and one inflate stream, reset for every message ---- */
+#define MAX_PAYLOAD (1 << 17)
+static z_stream zdef, zinf;
+static unsigned char zbuf[MAX_PAYLOAD + 1024];       /* one compressed message */
+static char inflated[MAX_PAYLOAD + 64];              /* one inflated reply */
+static void zlib_init(void) {
+    if (deflateInit2(&zdef, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -15, 8, Z_DEFAULT_STRATEGY) != Z_OK ||
+        inflateInit2(&zinf, -15) != Z_OK) { fprintf(stderr, "zlib init failed\n"); exit(2); }
+}
+/* RFC 7692 §7.2.1: deflate with a sync flush, without its 00 00 ff ff tail. Returns the length. */
+static size_t compress_message(const char *p, size_t n) {
+    deflateReset(&zdef);
+    zdef.next_in = (unsigned char *)p; zdef.avail_in = (uInt)n;
+    zdef.next_out = zbuf; zdef.avail_out = (uInt)sizeof zbuf;
+    int rc = deflate(&zdef, Z_SYNC_FLUSH);
+    size_t len = sizeof zbuf - zdef.avail_out;
+    if (rc != Z_OK || zdef.avail_in != 0 || zdef.avail_out == 0 || len < 4 || memcmp(zbuf + len - 4, "\0\0\xff\xff", 4)) {
+        fprintf(stderr, "deflate failed\n"); exit(2);
+    }
+    return len - 4;
+}
+/* §7.2.2: inflate the payload with the tail appended; -1 if it is not valid or too long. */
+static long inflate_message(const char *p, size_t n) {
+    static const unsigned char tail[4] = {0, 0, 0xff, 0xff};
+    inflateReset(&zinf);
+    zinf.next_out = (unsigned char *)inflated; zinf.avail_out = (uInt)sizeof inflated;
+    zinf.next_in = (unsigned char *)p; zinf.avail_in = (uInt)n;
+    int rc = inflate(&zinf, Z_SYNC_FLUSH);
+    if (rc == Z_OK || (rc == Z_BUF_ERROR && n == 0)) {
+        zinf.next_in = (unsigned char *)tail; zinf.avail_in = 4;
+        rc = inflate(&zinf, Z_SYNC_FLUSH);
+    }
+    if ((rc != Z_OK && rc != Z_STREAM_END && rc != Z_BUF_ERROR) || zinf.avail_out == 0) return -1;
+    return (long)(sizeof inflated - zinf.avail_out);
+}
+
 static void queue_message(conn_t *c, uint64_t t) {
-    char payload[1 << 17];
+    static char payload[MAX_PAYLOAD];
     payload_of(c->next_seq, payload);
+    const char *body = payload;
+    size_t len = (size_t)S;
     uint8_t hdr[14]; size_t h = 0;
     hdr[h++] = 0x81;
-    if (S < 126) hdr[h++] = 0x80 | (uint8_t)S;
-    else if (S < 65536) { hdr[h++] = 0x80 | 126; hdr[h++] = (uint8_t)(S >> 8); hdr[h++] = (uint8_t)S; }
-    else { hdr[h++] = 0x80 | 127; for (int i = 7; i >= 0; i--) hdr[h++] = (uint8_t)((uint64_t)S >> (8 * i)); }
+    if (c->deflate) { len = compress_message(payload, (size_t)S); body = (const char *)zbuf; hdr[0] |= 0x40; }
+    if (len < 126) hdr[h++] = 0x80 | (uint8_t)len;
+    else if (len < 65536) { hdr[h++] = 0x80 | 126; hdr[h++] = (uint8_t)(len >> 8); hdr[h++] = (uint8_t)len; }
+    else { hdr[h++] = 0x80 | 127; for (int i = 7; i >= 0; i--) hdr[h++] = (uint8_t)((uint64_t)len >> (8 * i)); }
     uint8_t key[4] = {0x37, 0xfa, 0x21, 0x3d};
     memcpy(hdr + h, key, 4); h += 4;
-    out_reserve(c, h + (size_t)S);
+    out_reserve(c, h + len);
     memcpy(c->out + c->out_len, hdr, h); c->out_len += h;
-    for (int i = 0; i < S; i++) c->out[c->out_len + (size_t)i] = (char)(payload[i] ^ key[i & 3]);
-    c->out_len += (size_t)S;
+    for (size_t i = 0; i < len; i++) c->out[c->out_len + i] = (char)(body[i] ^ key[i & 3]);
+    c->out_len += len;
+    if (measuring) { sent_measured++; wire_out += h + len; }
     c->sent_at[c->next_seq % (uint64_t)P] = t;
     c->next_seq++;
 }
-
-static uint64_t messages, mismatches, errors, pushes_total, late_pushes;
-static int measuring;
 static int epfd;
 
 static void flush_out(conn_t *c) {
@@ -279,7 +372,7 @@ static void on_frame(conn_t *c, int opcode, const char *p, size_t n, uint64_t t)
         return;
     }
     size_t plen = strlen(prefix);
-    char expect[1 << 17];
+    static char expect[MAX_PAYLOAD];
     payload_of(c->next_reply, expect);
     if (n != plen + (size_t)S || memcmp(p, prefix, plen) != 0 || memcmp(p + plen, expect, (size_t)S) != 0) {
         if (n >= 7 && memcmp(p, "It is: ", 7) == 0) return; /* an idle push, not a reply */
@@ -289,6 +382,23 @@ static void on_frame(conn_t *c, int opcode, const char *p, size_t n, uint64_t t)
     c->next_reply++;
     if (measuring) { messages++; hist_add(t - sent); }
     queue_message(c, t);
+}
+
+static int opened, deflate_refused;
+static int sending;  /* echo mode: connections send once all are open (then at once on opening) */
+
+/* Whether the 101 response (its first `n` bytes) agrees to permessage-deflate with
+ * server_no_context_takeover, which inflating each reply on its own needs. */
+static int agreed_deflate(const char *resp, size_t n) {
+    char *head = strndup(resp, n);
+    int ok = 0;
+    for (char *save = NULL, *line = strtok_r(head, "\r\n", &save); line; line = strtok_r(NULL, "\r\n", &save)) {
+        if (strncasecmp(line, "Sec-WebSocket-Extensions:", 25) == 0 && strcasestr(line, "permessage-deflate") &&
+            strcasestr(line, "server_no_context_takeover") && !strcasestr(line, "client_max_window_bits"))
+            ok = 1;
+    }
+    free(head);
+    return ok;
 }
 
 static void on_readable(conn_t *c) {
@@ -306,10 +416,15 @@ static void on_readable(conn_t *c) {
         if (!end) return;
         if (strncmp(c->in, "HTTP/1.1 101", 12) != 0) { c->state = 2; errors++; return; }
         off = (size_t)(end - c->in) + 4;
+        if (deflate_mode) {
+            c->deflate = agreed_deflate(c->in, off);
+            if (!c->deflate) { c->state = 2; deflate_refused++; return; }
+        }
         c->state = 1;
+        opened++;
         c->opened_at = t;
         if (fanout_mode) { if (c->role == 2) fan_pump(t); }
-        else if (!idle_mode) for (int i = 0; i < P; i++) queue_message(c, t);
+        else if (!idle_mode && sending) for (int i = 0; i < P; i++) queue_message(c, t);
     }
     while (c->in_len - off >= 2) {
         uint8_t b0 = (uint8_t)c->in[off], b1 = (uint8_t)c->in[off + 1];
@@ -317,8 +432,15 @@ static void on_readable(conn_t *c) {
         if (len == 126) { if (c->in_len - off < 4) break; len = ((size_t)(uint8_t)c->in[off + 2] << 8) | (uint8_t)c->in[off + 3]; h = 4; }
         else if (len == 127) { if (c->in_len - off < 10) break; len = 0; for (int i = 0; i < 8; i++) len = (len << 8) | (uint8_t)c->in[off + 2 + (size_t)i]; h = 10; }
         if (c->in_len - off < h + len) break;
-        if (b0 & 0x40) { mismatches++; } /* compressed: we never offer it */
-        on_frame(c, b0 & 0x0F, c->in + off + h, len, t);
+        const char *payload = c->in + off + h;
+        size_t plen = len;
+        if (measuring && (b0 & 0x0F) == 0x1) wire_in += h + len;
+        if (b0 & 0x40) {  /* RSV1: compressed, valid only if permessage-deflate was agreed */
+            long n = c->deflate && (b0 & 0x0F) == 0x1 ? inflate_message(payload, len) : -1;
+            if (n < 0) { mismatches++; }
+            else { payload = inflated; plen = (size_t)n; if (measuring) compressed_replies++; }
+        }
+        on_frame(c, b0 & 0x0F, payload, plen, t);
         off += h + len;
     }
     memmove(c->in, c->in + off, c->in_len - off);
@@ -352,10 +474,11 @@ static conn_t *open_conn(int target, int role) {
         rc = connect(c->fd, (struct sockaddr *)&a, sizeof a);
     }
     if (rc < 0 && errno != EINPROGRESS) die("connect");
-    char req[512];
+    char req[1024];
     int n = snprintf(req, sizeof req,
         "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", path, host, port);
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n%s\r\n", path, host, port,
+        deflate_mode ? "Sec-WebSocket-Extensions: permessage-deflate; client_no_context_takeover; server_no_context_takeover\r\n" : "");
     out_reserve(c, (size_t)n);
     memcpy(c->out, req, (size_t)n); c->out_len = (size_t)n;
     struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT, .data.ptr = c};
@@ -410,6 +533,10 @@ static int add_target(const char *url) {
     return 0;
 }
 
+static double open_seconds;
+static int handshakes_refused(void) { return deflate_refused > 0; }
+static int all_open_or_refused(void) { return opened + (int)errors >= C || deflate_refused > 0; }
+static int counted_enough(void) { return messages >= count_n; }
 static int fan_all_ready(void) { return ready_count == C && publisher->state == 1; }
 static int fan_done(void) { return completed == fan_total || publisher->state == 2; }
 
@@ -479,9 +606,11 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-w")) { warmup = atof(v); i++; }
         else if (!strcmp(a, "-H")) { hold = atof(v); i++; }
         else if (!strcmp(a, "-e")) { period = atof(v); i++; }
-        else if (!strcmp(a, "-n")) { fan_n = strtoull(v, NULL, 10); i++; }
+        else if (!strcmp(a, "-n")) { count_n = strtoull(v, NULL, 10); count_given = 1; i++; }
         else if (!strcmp(a, "-W")) { fan_warm = strtoull(v, NULL, 10); i++; }
         else if (!strcmp(a, "-m")) { idle_mode = !strcmp(v, "idle"); fanout_mode = !strcmp(v, "fanout"); i++; }
+        else if (!strcmp(a, "-j")) { json_payload = 1; }
+        else if (!strcmp(a, "-z")) { deflate_mode = 1; }
         else if (!strcmp(a, "--prefix")) { prefix = v; i++; }
         else if (!strcmp(a, "-P")) { parse_pids(v, pids, &npids); i++; }
         else if (!strcmp(a, "-B")) { parse_pids(v, bpids, &nbpids); i++; }
@@ -490,21 +619,46 @@ int main(int argc, char **argv) {
     }
     if (!ntargets) {
         fprintf(stderr, "usage: wsbench [-c conns] [-p depth] [-s bytes] [-d secs] [-w secs] [-m echo|idle|fanout] [-H secs] [-e period]\n"
-                        "               [-n messages] [-W warm-up messages] [--prefix P] [-P pid,pid] [-B pid,pid] ws://127.0.0.1:PORT/PATH [ws://...]\n");
+                        "               [-n messages] [-W warm-up messages] [-j] [-z] [--prefix P] [-P pid,pid] [-B pid,pid]\n"
+                        "               ws://127.0.0.1:PORT/PATH [ws://...]\n");
         return 2;
     }
-    if (S < 1 || S > (1 << 17) - 64 || C < 1 || P < 1) { fprintf(stderr, "bad sizes\n"); return 2; }
+    if (S < 1 || S > MAX_PAYLOAD - 64 || C < 1 || P < 1) { fprintf(stderr, "bad sizes\n"); return 2; }
+    if (fanout_mode && count_given) fan_n = count_n;
     if (fanout_mode && (S > 60 || fan_n < 1)) { fprintf(stderr, "fanout: -s at most 60, -n at least 1\n"); return 2; }
+    if ((json_payload || deflate_mode) && (idle_mode || fanout_mode)) { fprintf(stderr, "-j and -z are for echo mode\n"); return 2; }
+    if (json_payload) make_corpus();
+    if (deflate_mode) zlib_init();
 
     struct rlimit rl; getrlimit(RLIMIT_NOFILE, &rl); rl.rlim_cur = rl.rlim_max; setrlimit(RLIMIT_NOFILE, &rl);
     epfd = epoll_create1(0);
     if (fanout_mode) return run_fanout();
     long long rss_before = server_rss_kb();
     conn_t **conns = calloc((size_t)C, sizeof *conns);
-    for (int i = 0; i < C; i++) {
+    stop_when = handshakes_refused;
+    for (int i = 0; i < C && !deflate_refused; i++) {
         conns[i] = open_conn(i % ntargets, 0);
-        if (idle_mode && i % 200 == 199) run_loop(conns, 0.01);  /* let handshakes through */
+        if (i % 200 == 199) run_loop(conns, 0.01);  /* let handshakes through */
     }
+    if (!idle_mode) {
+        stop_when = all_open_or_refused;
+        uint64_t open_t0 = now_ns();
+        run_loop(conns, 20);
+        open_seconds = (double)(now_ns() - open_t0) / 1e9;
+        if (deflate_refused) {
+            printf("{\"mode\":\"echo\",\"connections\":%d,\"depth\":%d,\"size\":%d,\"deflate\":true,"
+                   "\"unsupported\":\"permessage-deflate with server_no_context_takeover was not agreed\"}\n", C, P, S);
+            return 3;
+        }
+        sending = 1;
+        uint64_t t = now_ns();
+        for (int i = 0; i < C; i++) {
+            if (conns[i]->state != 1) continue;
+            for (int k = 0; k < P; k++) queue_message(conns[i], t);
+            flush_out(conns[i]);
+        }
+    }
+    stop_when = NULL;
     if (idle_mode) {
         run_loop(conns, hold);
         int open = 0;
@@ -520,7 +674,9 @@ int main(int argc, char **argv) {
     measuring = 1;
     long long cpu0 = server_cpu_ticks(), bcpu0 = backend_cpu_ticks();
     uint64_t t0 = now_ns();
+    if (count_n) stop_when = counted_enough;
     run_loop(conns, duration);
+    stop_when = NULL;
     uint64_t t1 = now_ns();
     long long cpu1 = server_cpu_ticks(), bcpu1 = backend_cpu_ticks();
     measuring = 0;
@@ -531,12 +687,19 @@ int main(int argc, char **argv) {
     char backend[96] = "";
     if (nbpids) snprintf(backend, sizeof backend, ",\"backend_cpu_us_per_msg\":%.3f,\"backend_cpu_percent\":%.1f",
                          messages ? bcpu_us / (double)messages : 0, bcpu_us / (secs * 1e6) * 100);
-    printf("{\"mode\":\"echo\",\"connections\":%d,\"depth\":%d,\"size\":%d,\"seconds\":%.2f,\"messages\":%llu,"
+    int open = 0;
+    for (int i = 0; i < C; i++) open += conns[i]->state == 1;
+    printf("{\"mode\":\"echo\",\"connections\":%d,\"open\":%d,\"open_seconds\":%.2f,\"depth\":%d,\"size\":%d,"
+           "\"payload\":\"%s\",\"deflate\":%s,\"seconds\":%.2f,\"messages\":%llu,"
            "\"msg_per_s\":%.0f,\"p50_us\":%.0f,\"p99_us\":%.0f,\"p999_us\":%.0f,\"errors\":%llu,\"mismatches\":%llu,"
-           "\"server_cpu_us_per_msg\":%.3f,\"server_cpu_percent\":%.1f%s}\n",
-           C, P, S, secs, (unsigned long long)messages, (double)messages / secs,
+           "\"server_cpu_us_per_msg\":%.3f,\"server_cpu_percent\":%.1f,"
+           "\"wire_bytes_out_per_msg\":%.1f,\"wire_bytes_in_per_msg\":%.1f,\"compressed_replies\":%llu%s}\n",
+           C, open, open_seconds, P, S, json_payload ? "json" : "pad", deflate_mode ? "true" : "false",
+           secs, (unsigned long long)messages, (double)messages / secs,
            hist_pct(50) / 1e3, hist_pct(99) / 1e3, hist_pct(99.9) / 1e3,
            (unsigned long long)errors, (unsigned long long)mismatches,
-           messages ? cpu_us / (double)messages : 0, cpu_us / (secs * 1e6) * 100, backend);
-    return errors || mismatches ? 1 : 0;
+           messages ? cpu_us / (double)messages : 0, cpu_us / (secs * 1e6) * 100,
+           sent_measured ? (double)wire_out / (double)sent_measured : 0, messages ? (double)wire_in / (double)messages : 0,
+           (unsigned long long)compressed_replies, backend);
+    return errors || mismatches || open != C ? 1 : 0;
 }

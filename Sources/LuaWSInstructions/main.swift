@@ -69,6 +69,11 @@ final class Connection {
     private var handshakeDone = false
 
     init(load: Load, scripts: String) throws {
+        // Before anything is scheduled: the engine's timers follow the loop's clock, which starts
+        // at 0; start it at the wall clock's now, where idle() moves it, else idle()'s first turn
+        // would replay every 1 ms firing since the machine booted (millions under callgrind after
+        // a few hours of uptime: lua-idle never ended).
+        loop.advanceTime(to: .now())
         let logger = Logger(label: "instructions", factory: { _ in SwiftLogNoOpLogHandler() })
         let application: WebSocketApplication
         switch load {
