@@ -81,7 +81,7 @@ final class Connection {
             application = LuaApplication(plugins: try cluster.makeHost(on: loop))
         }
         let configuration = ServerConfiguration()
-        let state = LoopState(index: 0, eventLoop: loop, application: application, logger: logger, compressionLevel: configuration.compressionLevel)
+        let state = LoopState(index: 0, eventLoop: loop, application: application, logger: logger, configuration: configuration)
         let pipeline = ServerPipeline(configuration: configuration, files: nil, loops: [ObjectIdentifier(loop): NIOLoopBound(state, eventLoop: loop)])
         channel = EmbeddedChannel(loop: loop)
         try pipeline.configure(channel)

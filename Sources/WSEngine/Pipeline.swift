@@ -70,7 +70,7 @@ struct ServerPipeline: Sendable {
                         throw ChannelError.inappropriateOperationForState
                     }
                     let handler = WebSocketConnectionHandler(
-                        id: loop.makeID(), request: request, deflate: agreed.deflate, loop: loop, configuration: configuration)
+                        id: loop.makeID(), request: request, deflate: agreed.deflate, loop: loop)
                     // NIO's upgrader always installs its frame codec. The handler parses frames
                     // itself (FrameParser) and so goes *before* NIO's decoder, taking the bytes
                     // ahead of it; it encodes its frames itself too, writing them through

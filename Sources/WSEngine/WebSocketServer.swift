@@ -44,7 +44,7 @@ public final class WebSocketServer: Sendable {
             var loops: [ObjectIdentifier: NIOLoopBound<LoopState>] = [:]
             for (index, loop) in group.makeIterator().enumerated() {
                 let state = try await loop.submit {
-                    NIOLoopBound(LoopState(index: index, eventLoop: loop, application: try makeApplication(index, loop), logger: logger, compressionLevel: configuration.compressionLevel), eventLoop: loop)
+                    NIOLoopBound(LoopState(index: index, eventLoop: loop, application: try makeApplication(index, loop), logger: logger, configuration: configuration), eventLoop: loop)
                 }.get()
                 loops[ObjectIdentifier(loop)] = state
                 let sweep = sweepInterval(configuration)
