@@ -31,6 +31,9 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     private let loop: LoopState
     /// The loop's (one copy per loop, not per connection), borrowed: no copy per access.
     private var configuration: ServerConfiguration { _read { yield loop.configuration } }
+    /// The server's connection slots: this connection holds one (taken when its upgrade was
+    /// accepted) until `finish`.
+    private let slots: ConnectionCounter
     private var state = State.open
     private var parser: FrameParser
     private var assembler: MessageAssembler
@@ -82,12 +85,13 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     private let remoteAddress: String?
     private var openedAt = NIODeadline.now()
 
-    init(id: Int64, request: WebSocketRequest, deflate: DeflateParameters?, loop: LoopState) {
+    init(id: Int64, request: WebSocketRequest, deflate: DeflateParameters?, loop: LoopState, slots: ConnectionCounter) {
         self.id = id
         self.deflate = deflate
         self.request = Box(request)
         self.remoteAddress = request.remoteAddress
         self.loop = loop
+        self.slots = slots
         self.parser = FrameParser(maxFrameSize: loop.configuration.maxFrameSize)
         self.assembler = MessageAssembler(maxMessageSize: loop.configuration.maxMessageSize)
     }
@@ -479,6 +483,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     /// Runs once, when the channel goes away: timers stop and the application hears `closed`.
     private func finish() {
         guard loop.connections.removeValue(forKey: id) != nil else { return }
+        slots.release()
         state = .closed
         closeTimeout?.cancel()
         loop.timers.retire(idleTimers.count)

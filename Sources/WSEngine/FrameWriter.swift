@@ -6,8 +6,7 @@ import NIOWebSocket
 /// The connection handler writes bytes itself rather than through NIO's WebSocketFrameEncoder:
 /// a small message becomes one buffer (header and payload together, one allocation, one iovec)
 /// instead of a frame wrapped in NIOAny, a separate header buffer and two iovecs. The bytes
-/// leave through `FrameOutput`, at the head of the pipeline (behind TLS, if any), so they never
-/// meet NIO's encoder (which the upgrader always installs and which cannot be removed).
+/// leave through `FrameOutput`, at the head of the pipeline (behind TLS, if any).
 enum FrameWriter {
     /// Payloads up to this size are copied behind their header; larger ones go as a second buffer.
     static let copyLimit = 4096

@@ -11,10 +11,6 @@ final class LoopState {
     /// copy per connection cost ~0.25 KB).
     let configuration: ServerConfiguration
     var connections: [Int64: WebSocketConnectionHandler] = [:]
-    /// Upgrades the application accepted, by channel, until the pipeline is upgraded.
-    var acceptedUpgrades: [ObjectIdentifier: (request: WebSocketRequest, handshake: Handshake)] = [:]
-    /// Upgrades refused with a status of their own, by channel, until HTTPHandler answers.
-    var refusedUpgrades: [ObjectIdentifier: (status: Int, reason: String)] = [:]
     /// The idle timers of the loop's connections.
     let timers: TimerQueue
     /// permessage-deflate streams shared by the loop's connections (no context takeover).
