@@ -144,6 +144,8 @@ final class WebSocketUpgrader: HTTPServerProtocolUpgrader, Sendable {
                     try pipeline.addHandler(output, position: .first)
                 }
                 handler.output = output
+                // Back to NIO's reads in a row for the messages (see `WebSocketServer.receiveAllocator`).
+                try? context.channel.syncOptions?.setOption(ChannelOptions.maxMessagesPerRead, value: WebSocketServer.webSocketReadsPerReadiness)
                 // Last, behind NIO's upgrade handler, which hands it the bytes that follow the request.
                 try pipeline.addHandler(handler)
             } catch {
