@@ -17,9 +17,6 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    /// Where encoded frames go (first in the pipeline): set before the handler is added.
-    var output: FrameOutput!
-
     private enum State { case open, closing, closed }
 
     private struct IdleTimer {
@@ -267,14 +264,14 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
             // Over the bound already: the frame would wait behind bytes the client does not
             // read, holding the connection. Best effort, then the TCP connection goes.
             write(.connectionClose, payload)
-            output.context?.flush()
+            self.context?.flush()
             context.close(promise: nil)
             return
         }
         let loopContext = context.loopBound
         let written = context.eventLoop.makePromise(of: Void.self)
         write(.connectionClose, payload, promise: written)
-        output.context?.flush()
+        self.context?.flush()
         written.futureResult.whenComplete { _ in loopContext.value.close(promise: nil) }
         // And should the client stop reading before the frame is out, not for longer than this.
         closeTimeout = context.eventLoop.assumeIsolated().scheduleTask(in: configuration.closeTimeout) {
@@ -301,7 +298,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         } else {
             write(opcode, data)
         }
-        if dispatching { needsFlush = true } else { output.context?.flush() }
+        if dispatching { needsFlush = true } else { self.context?.flush() }
         return true
     }
 
@@ -323,7 +320,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
             state = .closed
             let payload = Self.closePayload(code: 1008, reason: "slow consumer", allocator: context.channel.allocator)
             write(.connectionClose, payload)
-            output.context?.flush()
+            self.context?.flush()
             context.close(promise: nil)
             return false
         }
@@ -342,7 +339,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         while reasonBytes.utf8.count > 123 { reasonBytes.removeLast() }
         let payload = Self.closePayload(code: code, reason: reasonBytes, allocator: context.channel.allocator)
         write(.connectionClose, payload)
-        output.context?.flush()
+        self.context?.flush()
         let loopContext = context.loopBound
         closeTimeout = context.eventLoop.assumeIsolated().scheduleTask(in: configuration.closeTimeout) {
             loopContext.value.close(promise: nil)
@@ -400,7 +397,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
             // stays silent.
             guard writable else { return }
             write(.ping, context.channel.allocator.buffer(capacity: 0))
-            output.context?.flush()
+            self.context?.flush()
         }
     }
 
@@ -451,7 +448,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
 
     /// Encodes and queues one frame (flushed later); `promise` completes when it is written.
     private func write(_ opcode: WebSocketOpcode, _ payload: ByteBuffer, rsv1: Bool = false, promise: EventLoopPromise<Void>? = nil) {
-        guard let out = output.context else {
+        guard let out = self.context else {
             promise?.fail(ChannelError.ioOnClosedChannel)
             return
         }
@@ -464,7 +461,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     private func flushIfNeeded() {
         if needsFlush {
             needsFlush = false
-            output.context?.flush()
+            self.context?.flush()
         }
     }
 

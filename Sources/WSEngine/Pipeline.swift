@@ -5,7 +5,7 @@ import NIOWebSocket
 
 /// The handlers of one accepted connection: HTTP/1.1 with the WebSocket upgrade, `HTTPHandler`
 /// for everything that is not an upgrade, and after the upgrade `WebSocketConnectionHandler`
-/// alone (with `FrameOutput`). Shared by the server and the fuzz harness.
+/// alone (behind TLS, if any). Shared by the server and the fuzz harness.
 struct ServerPipeline: Sendable {
     let configuration: ServerConfiguration
     let files: StaticFiles?
@@ -27,7 +27,7 @@ struct ServerPipeline: Sendable {
 
     func configure(_ channel: Channel) throws {
         // TLS goes in front of everything: whatever is written, the 101 response and frames
-        // (FrameOutput goes right behind it) included, leaves through it.
+        // included, leaves through it.
         if let security = configuration.security {
             try channel.pipeline.syncOperations.addHandler(try security.makeHandler(), name: Self.tlsHandlerName)
         }
@@ -47,7 +47,7 @@ struct ServerPipeline: Sendable {
 /// handler does not use (it parses and encodes frames itself) and which stayed in every upgraded
 /// connection's pipeline (the encoder could not be removed), with their contexts and a buffer
 /// (~0.25 KB per idle connection). Here the pipeline after the upgrade holds the connection
-/// handler and `FrameOutput` only.
+/// handler only (and TLS, if any).
 ///
 /// Refusals fail `buildUpgradeResponse` with a `NIOWebSocketUpgradeError`, as NIO's does: NIO's
 /// upgrade handler then passes the request on to `HTTPHandler`, which answers it (with the
@@ -132,21 +132,11 @@ final class WebSocketUpgrader: HTTPServerProtocolUpgrader, Sendable {
             let handler = WebSocketConnectionHandler(id: loop.makeID(), request: request, deflate: agreed.deflate, loop: loop, slots: counter)
             do {
                 pipeline.removeHandler(http, promise: nil)
-                // The handler encodes its frames itself and writes them through FrameOutput: at
-                // the head of the pipeline, or right behind the TLS handler when there is one, so
-                // that frames are encrypted (at the head they would reach the socket in plaintext).
-                let output = FrameOutput()
-                if let tls = try? pipeline.context(name: ServerPipeline.tlsHandlerName) {
-                    try pipeline.addHandler(output, position: .after(tls.handler))
-                } else if configuration.security != nil {
-                    throw ChannelError.inappropriateOperationForState  // never without its TLS handler
-                } else {
-                    try pipeline.addHandler(output, position: .first)
-                }
-                handler.output = output
                 // Back to NIO's reads in a row for the messages (see `WebSocketServer.receiveAllocator`).
                 try? context.channel.syncOptions?.setOption(ChannelOptions.maxMessagesPerRead, value: WebSocketServer.webSocketReadsPerReadiness)
-                // Last, behind NIO's upgrade handler, which hands it the bytes that follow the request.
+                // Last, behind NIO's upgrade handler, which hands it the bytes that follow the
+                // request. It encodes its frames itself and writes them from its own context:
+                // they meet no other handler on their way out but TLS, when there is TLS.
                 try pipeline.addHandler(handler)
             } catch {
                 counter.release()
