@@ -132,8 +132,11 @@ final class WebSocketUpgrader: HTTPServerProtocolUpgrader, Sendable {
             let handler = WebSocketConnectionHandler(id: loop.makeID(), request: request, deflate: agreed.deflate, loop: loop, slots: counter)
             do {
                 pipeline.removeHandler(http, promise: nil)
-                // Back to NIO's reads in a row for the messages (see `WebSocketServer.receiveAllocator`).
-                try? context.channel.syncOptions?.setOption(ChannelOptions.maxMessagesPerRead, value: WebSocketServer.webSocketReadsPerReadiness)
+                // Reads sized for messages from now on (see `ReceiveBuffers`).
+                if let options = context.channel.syncOptions {
+                    try? options.setOption(ChannelOptions.recvAllocator, value: ReceiveBuffers.messages)
+                    try? options.setOption(ChannelOptions.maxMessagesPerRead, value: ReceiveBuffers.messageReadsPerReadiness)
+                }
                 // Last, behind NIO's upgrade handler, which hands it the bytes that follow the
                 // request. It encodes its frames itself and writes them from its own context:
                 // they meet no other handler on their way out but TLS, when there is TLS.

@@ -78,22 +78,6 @@ public final class WebSocketServer: Sendable {
         self.serverChannel = serverChannel
     }
 
-    /// How each connection sizes its reads. A channel keeps its first receive buffer for its
-    /// whole life (NIO's `NIOPooledRecvBufferAllocator` reuses it for every read, growing it when
-    /// the allocator asks for more, never shrinking it), and with up to `maxMessagesPerRead` reads
-    /// in a row it keeps up to that many buffers: so an idle connection holds what reading its
-    /// opening request took. With NIO's defaults (2 KB to start, 4 reads) that was 2 KB, a third
-    /// of an idle connection, and more for requests over 2 KB. Here the first buffer is 512
-    /// bytes, which takes a browser's upgrade request in one read, and until the upgrade a
-    /// channel reads once per readiness, so that a longer request (cookies) reads on into
-    /// buffers it does not keep. After the upgrade, `WebSocketUpgrader` restores NIO's 4 reads in
-    /// a row; busy connections grow their buffer as with NIO's defaults (doubling after each read
-    /// that filled it, up to 64 KB).
-    static let receiveAllocator = AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 512, maximum: 65536)
-    static let httpReadsPerReadiness: UInt = 1
-    /// NIO's default.
-    static let webSocketReadsPerReadiness: UInt = 4
-
     private static func bind(
         configuration: ServerConfiguration,
         group: MultiThreadedEventLoopGroup,
@@ -111,8 +95,9 @@ public final class WebSocketServer: Sendable {
             .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
             .childChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.writeBufferWaterMark, value: .init(low: configuration.maxOutboundBytes / 2, high: configuration.maxOutboundBytes))
-            .childChannelOption(.recvAllocator, value: receiveAllocator)
-            .childChannelOption(.maxMessagesPerRead, value: httpReadsPerReadiness)
+            // Small reads until the upgrade, into a buffer that stays small if nothing follows.
+            .childChannelOption(.recvAllocator, value: ReceiveBuffers.Opening())
+            .childChannelOption(.maxMessagesPerRead, value: ReceiveBuffers.openingReadsPerReadiness)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture { try pipeline.configure(channel) }
             }
