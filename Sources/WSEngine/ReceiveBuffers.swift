@@ -22,7 +22,7 @@ enum ReceiveBuffers {
         /// takes one read; a browser's (~500 bytes) two.
         static let kept = 256
         /// The sizes of the reads, as NIO's default allocator would pick them.
-        private var sizes = AdaptiveRecvByteBufferAllocator(minimum: 64, initial: Opening.kept, maximum: 65536)
+        private var sizes = Adaptive(minimum: 64, initial: Opening.kept, maximum: 65536)
 
         func buffer(allocator: ByteBufferAllocator) -> ByteBuffer {
             sizes.buffer(allocator: allocator)
@@ -41,7 +41,56 @@ enum ReceiveBuffers {
 
     /// After the upgrade: NIO's default allocator, but starting at 512 bytes (NIO's 2 KB is what a
     /// connection that sent one small message would keep).
-    static let messages = AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 512, maximum: 65536)
+    static let messages = Adaptive(minimum: 64, initial: 512, maximum: 65536)
     /// NIO's default.
     static let messageReadsPerReadiness: UInt = 4
+
+    /// NIO's `AdaptiveRecvByteBufferAllocator`, the same sizes by the same rule, in 13 bytes
+    /// instead of 33: a channel holds its allocator as an existential, which keeps up to 24
+    /// bytes inline and boxes anything larger on the heap (64 bytes per connection).
+    struct Adaptive: RecvByteBufferAllocator {
+        private let minimum: UInt32
+        private let maximum: UInt32
+        private var next: UInt32
+        private var decreaseNow = false
+
+        /// Powers of 2, `minimum <= initial <= maximum <= 1 << 30`.
+        init(minimum: Int, initial: Int, maximum: Int) {
+            precondition(minimum > 0 && minimum <= initial && initial <= maximum && maximum <= 1 << 30)
+            precondition([minimum, initial, maximum].allSatisfy { $0.nonzeroBitCount == 1 })
+            self.minimum = UInt32(minimum)
+            self.maximum = UInt32(maximum)
+            self.next = UInt32(initial)
+        }
+
+        func buffer(allocator: ByteBufferAllocator) -> ByteBuffer {
+            allocator.buffer(capacity: Int(next))
+        }
+
+        func nextBufferSize() -> Int? {
+            Int(next)
+        }
+
+        /// Halves the size after two reads in a row that took at most half of it (not below
+        /// `minimum`), doubles it after a read that filled it (not above `maximum`); true when it
+        /// grew.
+        mutating func record(actualReadBytes: Int) -> Bool {
+            let lower = next >> 1
+            if actualReadBytes <= Int(lower) && lower >= minimum {
+                if decreaseNow {
+                    next = lower
+                    decreaseNow = false
+                } else {
+                    decreaseNow = true
+                }
+                return false
+            }
+            decreaseNow = false
+            if actualReadBytes >= Int(next) && next << 1 <= maximum {
+                next <<= 1
+                return true
+            }
+            return false
+        }
+    }
 }
