@@ -12,7 +12,7 @@ public final class LuaApplication: WebSocketApplication {
 
     public func opened(_ connection: WebSocketConnection, request: WebSocketRequest) {
         plugins.open(
-            EngineConnection(connection),
+            connection,
             id: connection.id,
             request: ScriptRequest(
                 path: request.path, query: request.query, headers: request.headers.map { ($0.name, $0.value) },
@@ -82,29 +82,11 @@ public final class LuaApplication: WebSocketApplication {
     }
 }
 
-/// The engine's connection as ScriptHost sees it.
-public final class EngineConnection: ScriptConnection {
-    private let connection: WebSocketConnection
-
-    public init(_ connection: WebSocketConnection) {
-        self.connection = connection
-    }
-
-    public func send(_ data: ByteBuffer, binary: Bool) -> Bool {
-        connection.send(data, binary: binary)
-    }
-
-    public func close(code: UInt16, reason: String) -> Bool {
-        connection.close(code: code, reason: reason)
-    }
-
-    public func setReading(_ reading: Bool) {
-        connection.setReading(reading)
-    }
-
+/// The engine's connection is what ScriptHost holds for it (no wrapper object per connection).
+extension WebSocketConnection: ScriptConnection {
     public func setIdleTimers(_ seconds: [Double]) {
         // The prelude allows 0.001 to 1e9 seconds; checked again, since a trap here would end the process.
-        connection.setIdleTimers(seconds.map { TimeAmount(seconds: min(max($0, 0.001), 1e9)) ?? .seconds(1) })
+        setIdleTimers(seconds.map { TimeAmount(seconds: min(max($0, 0.001), 1e9)) ?? .seconds(1) })
     }
 }
 

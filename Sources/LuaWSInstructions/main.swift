@@ -96,7 +96,7 @@ final class Connection {
     /// The payloads of the frames the server wrote since the last call (the handshake's 101
     /// response is no frame). Every reply of these loads is one short, uncompressed frame.
     func drain() -> [ByteBufferView] {
-        // The server writes ByteBuffers (the 101 response and FrameOutput alike).
+        // The server writes ByteBuffers (the 101 response and the frames alike).
         while var buffer = try? channel.readOutbound(as: ByteBuffer.self) { pending.writeBuffer(&buffer) }
         if !handshakeDone {
             guard let end = pending.readableBytesView.firstRange(of: Array("\r\n\r\n".utf8)) else { return [] }

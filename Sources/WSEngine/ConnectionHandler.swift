@@ -17,9 +17,6 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    /// Where encoded frames go (first in the pipeline): set before the handler is added.
-    var output: FrameOutput!
-
     private enum State { case open, closing, closed }
 
     private struct IdleTimer {
@@ -29,7 +26,11 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     }
 
     private let loop: LoopState
-    private let configuration: ServerConfiguration
+    /// The loop's (one copy per loop, not per connection), borrowed: no copy per access.
+    private var configuration: ServerConfiguration { _read { yield loop.configuration } }
+    /// The server's connection slots: this connection holds one (taken when its upgrade was
+    /// accepted) until `finish`.
+    private let slots: ConnectionCounter
     private var state = State.open
     private var parser: FrameParser
     /// Modified for each frame, by calls that never reach the handler again: no run-time
@@ -37,8 +38,9 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     @exclusivity(unchecked) private var assembler: MessageAssembler
     private var context: ChannelHandlerContext?
     private(set) var connection: WebSocketConnection!
-    /// Only until the application has seen it in `opened`.
-    private var request: WebSocketRequest?
+    /// Only until the application has seen it in `opened`; boxed, so that it costs one word of
+    /// the handler for the connection's life instead of its ~100 bytes.
+    private var request: Box<WebSocketRequest>?
     private let id: Int64
 
     /// The client's close frame, once received: reported to the application on close.
@@ -91,22 +93,22 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     private let remoteAddress: String?
     private var openedAt = NIODeadline.now()
 
-    init(id: Int64, request: WebSocketRequest, deflate: DeflateParameters?, loop: LoopState, configuration: ServerConfiguration) {
+    init(id: Int64, request: WebSocketRequest, deflate: DeflateParameters?, loop: LoopState, slots: ConnectionCounter) {
         self.id = id
         self.deflate = deflate
-        self.request = request
+        self.request = Box(request)
         self.remoteAddress = request.remoteAddress
         self.loop = loop
-        self.configuration = configuration
-        self.parser = FrameParser(maxFrameSize: configuration.maxFrameSize)
-        self.assembler = MessageAssembler(maxMessageSize: configuration.maxMessageSize)
+        self.slots = slots
+        self.parser = FrameParser(maxFrameSize: loop.configuration.maxFrameSize)
+        self.assembler = MessageAssembler(maxMessageSize: loop.configuration.maxMessageSize)
     }
 
     // MARK: channel events
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
-        let request = self.request!
+        let request = self.request!.value
         self.request = nil
         connection = WebSocketConnection(id: id, request: request, handler: self)
         loop.connections[id] = self
@@ -466,7 +468,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     /// Encodes and queues one frame (flushed later); `promise` completes when it is written.
     /// Small frames without a promise join `corked`; anything else goes after what is corked.
     private func write(_ opcode: WebSocketOpcode, _ payload: ByteBuffer, rsv1: Bool = false, promise: EventLoopPromise<Void>? = nil) {
-        guard let out = output.context else {
+        guard let out = self.context else {
             promise?.fail(ChannelError.ioOnClosedChannel)
             return
         }
@@ -501,7 +503,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
 
     /// Writes what is corked and flushes.
     private func flushOutput() {
-        guard let out = output.context else {
+        guard let out = self.context else {
             corked = nil
             return
         }
@@ -531,6 +533,7 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
     /// Runs once, when the channel goes away: timers stop and the application hears `closed`.
     private func finish() {
         guard loop.connections.removeValue(forKey: id) != nil else { return }
+        slots.release()
         state = .closed
         closeTimeout?.cancel()
         loop.timers.retire(idleTimers.count)
@@ -551,4 +554,10 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
             application.closed(connection, code: code, reason: reason)
         }
     }
+}
+
+/// A value kept out of line (see `WebSocketConnectionHandler.request`).
+final class Box<Value> {
+    let value: Value
+    init(_ value: Value) { self.value = value }
 }

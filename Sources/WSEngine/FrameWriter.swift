@@ -5,9 +5,9 @@ import NIOWebSocket
 ///
 /// The connection handler writes bytes itself rather than through NIO's WebSocketFrameEncoder:
 /// a small message becomes one buffer (header and payload together, one allocation, one iovec)
-/// instead of a frame wrapped in NIOAny, a separate header buffer and two iovecs. The bytes
-/// leave through `FrameOutput`, at the head of the pipeline (behind TLS, if any), so they never
-/// meet NIO's encoder (which the upgrader always installs and which cannot be removed).
+/// instead of a frame wrapped in NIOAny, a separate header buffer and two iovecs. The handler
+/// writes them from its own context, last in the pipeline: nothing stands between it and the
+/// socket but TLS, if any.
 enum FrameWriter {
     /// Payloads up to this size are copied behind their header; larger ones go as a second buffer.
     static let copyLimit = 4096
@@ -44,16 +44,4 @@ enum FrameWriter {
             write(payload, true)
         }
     }
-}
-
-/// Sits first in the pipeline, or right behind the TLS handler; the connection handler writes
-/// its encoded frames through this handler's context, so they go straight to the socket (or
-/// to TLS, and only then to the socket).
-final class FrameOutput: ChannelOutboundHandler {
-    typealias OutboundIn = ByteBuffer
-    typealias OutboundOut = ByteBuffer
-    private(set) var context: ChannelHandlerContext?
-
-    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
-    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
 }

@@ -38,6 +38,35 @@ final class HTTPHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// A `read()` kept back while a request is held.
     private var readPending = false
 
+    /// What the application decided about this connection's upgrade request, recorded by
+    /// `WebSocketUpgrader` (on this handler, so that it goes with the connection: nothing is kept
+    /// by channel elsewhere, and no close callback is needed to clear it).
+    enum UpgradeOutcome {
+        /// Accepted, and a connection slot taken for it: the upgrade takes both (`takeAcceptedUpgrade`);
+        /// should the connection end first, `handlerRemoved` gives the slot back.
+        case accepted(WebSocketRequest, Handshake)
+        /// Refused with this status and text, which `respond` answers with.
+        case refused(status: Int, reason: String)
+    }
+    private var upgradeOutcome: UpgradeOutcome?
+
+    func recordUpgrade(_ outcome: UpgradeOutcome) {
+        releaseSlot()
+        upgradeOutcome = outcome
+    }
+
+    /// The accepted upgrade, with its connection slot, which the caller now holds.
+    func takeAcceptedUpgrade() -> (WebSocketRequest, Handshake)? {
+        guard case .accepted(let request, let handshake)? = upgradeOutcome else { return nil }
+        upgradeOutcome = nil
+        return (request, handshake)
+    }
+
+    private func releaseSlot() {
+        if case .accepted? = upgradeOutcome { counter.release() }
+        upgradeOutcome = nil
+    }
+
     init(configuration: ServerConfiguration, files: StaticFiles?, counter: ConnectionCounter, loop: NIOLoopBound<LoopState>?) {
         self.loop = loop
         self.configuration = configuration
@@ -53,6 +82,7 @@ final class HTTPHandler: ChannelDuplexHandler, RemovableChannelHandler {
         timeout?.cancel()
         timeout = nil
         held = nil
+        releaseSlot()
         if readPending {
             readPending = false
             context.read()
@@ -143,10 +173,11 @@ final class HTTPHandler: ChannelDuplexHandler, RemovableChannelHandler {
             let version = head.headers["Sec-WebSocket-Version"].first
             let refused = { (reason: String) in self.loop?.value.closedFigures.refused[reason, default: 0] += 1 }
             // A refusal the pipeline decided was counted there.
-            if let refusal = loop?.value.refusedUpgrades.removeValue(forKey: ObjectIdentifier(context.channel)) {
+            if case .refused(let code, let reason)? = upgradeOutcome {
+                upgradeOutcome = nil
                 // The application's answer (on_upgrade), or the connection limit it ran into.
-                let status = HTTPResponseStatus(statusCode: refusal.status)
-                let text = refusal.reason.hasSuffix("\n") || refusal.reason.isEmpty ? refusal.reason : refusal.reason + "\n"
+                let status = HTTPResponseStatus(statusCode: code)
+                let text = reason.hasSuffix("\n") || reason.isEmpty ? reason : reason + "\n"
                 send(status, text, extra: status == .serviceUnavailable ? [("Retry-After", "5")] : [], head: head, context: context)
             } else if !Self.originAllowed(head, configuration) {
                 refused("origin")

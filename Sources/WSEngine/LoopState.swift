@@ -7,11 +7,10 @@ final class LoopState {
     let application: WebSocketApplication
     let logger: Logger
     let eventLoop: EventLoop
+    /// The server's configuration, held once here rather than by each connection handler (a
+    /// copy per connection cost ~0.25 KB).
+    let configuration: ServerConfiguration
     var connections: [Int64: WebSocketConnectionHandler] = [:]
-    /// Upgrades the application accepted, by channel, until the pipeline is upgraded.
-    var acceptedUpgrades: [ObjectIdentifier: (request: WebSocketRequest, handshake: Handshake)] = [:]
-    /// Upgrades refused with a status of their own, by channel, until HTTPHandler answers.
-    var refusedUpgrades: [ObjectIdentifier: (status: Int, reason: String)] = [:]
     /// The idle timers of the loop's connections.
     let timers: TimerQueue
     /// permessage-deflate streams shared by the loop's connections (no context takeover).
@@ -22,9 +21,10 @@ final class LoopState {
     /// dropped. Open connections count on their own fields: see `figures()`.
     var closedFigures = EngineFigures()
 
-    init(index: Int, eventLoop: EventLoop, application: WebSocketApplication, logger: Logger, compressionLevel: Int32) {
-        self.deflate = DeflateStreams(level: compressionLevel)
+    init(index: Int, eventLoop: EventLoop, application: WebSocketApplication, logger: Logger, configuration: ServerConfiguration) {
+        self.deflate = DeflateStreams(level: configuration.compressionLevel)
         self.eventLoop = eventLoop
+        self.configuration = configuration
         self.timers = TimerQueue(eventLoop: eventLoop)
         self.application = application
         self.logger = logger

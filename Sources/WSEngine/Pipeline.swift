@@ -1,16 +1,17 @@
+import Foundation
 import NIOCore
 import NIOHTTP1
 import NIOWebSocket
 
 /// The handlers of one accepted connection: HTTP/1.1 with the WebSocket upgrade, `HTTPHandler`
-/// for everything that is not an upgrade, and after the upgrade NIO's frame codec with
-/// `WebSocketConnectionHandler`. Shared by the server and the fuzz harness.
+/// for everything that is not an upgrade, and after the upgrade `WebSocketConnectionHandler`
+/// alone (behind TLS, if any). Shared by the server and the fuzz harness.
 struct ServerPipeline: Sendable {
     let configuration: ServerConfiguration
     let files: StaticFiles?
     let counter: ConnectionCounter
     private let loops: [ObjectIdentifier: NIOLoopBound<LoopState>]
-    private let upgrader: NIOWebSocketServerUpgrader
+    private let upgrader: WebSocketUpgrader
 
     init(configuration: ServerConfiguration, files: StaticFiles?, loops: [ObjectIdentifier: NIOLoopBound<LoopState>]) {
         self.configuration = configuration
@@ -18,81 +19,7 @@ struct ServerPipeline: Sendable {
         self.loops = loops
         let counter = ConnectionCounter(limit: configuration.maxConnections)
         self.counter = counter
-        upgrader = NIOWebSocketServerUpgrader(
-            maxFrameSize: configuration.maxFrameSize,
-            automaticErrorHandling: false,  // WebSocketConnectionHandler answers protocol errors
-            shouldUpgrade: { channel, head in
-                // Refusals return nil; HTTPHandler then answers the request with the reason
-                // (the application's own status, if it refused).
-                guard let bound = loops[ObjectIdentifier(channel.eventLoop)],
-                      let agreed = Handshake(head, configuration: configuration, application: bound.value.application)
-                else {
-                    return channel.eventLoop.makeSucceededFuture(nil)
-                }
-                var asked = WebSocketRequest(head: head, peer: channel.remoteAddress, configuration: configuration)
-                asked.subprotocol = agreed.subprotocol
-                let request = asked
-                let key = ObjectIdentifier(channel)
-                channel.closeFuture.whenComplete { _ in
-                    bound.value.acceptedUpgrades[key] = nil
-                    bound.value.refusedUpgrades[key] = nil
-                }
-                return bound.value.application.shouldUpgrade(request, on: channel.eventLoop).map { decision -> HTTPHeaders? in
-                    let loop = bound.value
-                    // The client may have gone while the application decided: its channel's
-                    // close has already cleared this channel's entries, and a later channel may
-                    // reuse the same identity, so nothing may be recorded for it now.
-                    guard channel.isActive else { return nil }
-                    switch decision {
-                    case .refuse(let status, let reason):
-                        loop.closedFigures.refused["application", default: 0] += 1
-                        loop.refusedUpgrades[key] = ((400...599).contains(status) ? status : 403, reason)
-                        return nil
-                    case .accept(let context):
-                        // The slot is taken only once the application accepted.
-                        guard counter.acquire() else {
-                            loop.closedFigures.refused["connection_limit", default: 0] += 1
-                            loop.refusedUpgrades[key] = (503, "Too many connections\n")
-                            return nil
-                        }
-                        channel.closeFuture.whenComplete { _ in counter.release() }
-                        var accepted = request
-                        accepted.context = context
-                        loop.acceptedUpgrades[key] = (accepted, agreed)
-                        return agreed.responseHeaders
-                    }
-                }
-            },
-            upgradePipelineHandler: { channel, head in
-                channel.eventLoop.makeCompletedFuture {
-                    let loop = loops[ObjectIdentifier(channel.eventLoop)]!.value
-                    guard let (request, agreed) = loop.acceptedUpgrades.removeValue(forKey: ObjectIdentifier(channel)) else {
-                        throw ChannelError.inappropriateOperationForState
-                    }
-                    let handler = WebSocketConnectionHandler(
-                        id: loop.makeID(), request: request, deflate: agreed.deflate, loop: loop, configuration: configuration)
-                    // NIO's upgrader always installs its frame codec. The handler parses frames
-                    // itself (FrameParser) and so goes *before* NIO's decoder, taking the bytes
-                    // ahead of it; it encodes its frames itself too, writing them through
-                    // FrameOutput, past NIO's encoder: at the head of the pipeline, or right
-                    // behind the TLS handler when there is one, so that frames are encrypted
-                    // (at the head they would reach the socket in plaintext).
-                    let decoder = try channel.pipeline.syncOperations.handler(type: ByteToMessageHandler<WebSocketFrameDecoder>.self)
-                    let output = FrameOutput()
-                    if let tls = try? channel.pipeline.syncOperations.context(name: ServerPipeline.tlsHandlerName) {
-                        try channel.pipeline.syncOperations.addHandler(output, position: .after(tls.handler))
-                    } else if configuration.security != nil {
-                        throw ChannelError.inappropriateOperationForState  // never without its TLS handler
-                    } else {
-                        try channel.pipeline.syncOperations.addHandler(output, position: .first)
-                    }
-                    handler.output = output
-                    try channel.pipeline.syncOperations.addHandler(handler, position: .before(decoder))
-                    // Now that nothing reaches it, NIO's decoder can go (it costs memory per connection).
-                    channel.pipeline.syncOperations.removeHandler(decoder, promise: nil)
-                }
-            }
-        )
+        upgrader = WebSocketUpgrader(configuration: configuration, counter: counter, loops: loops)
     }
 
     /// The name of the TLS handler, first in the pipeline when `configuration.security` is set.
@@ -100,18 +27,136 @@ struct ServerPipeline: Sendable {
 
     func configure(_ channel: Channel) throws {
         // TLS goes in front of everything: whatever is written, the 101 response and frames
-        // (FrameOutput goes right behind it) included, leaves through it.
+        // included, leaves through it.
         if let security = configuration.security {
             try channel.pipeline.syncOperations.addHandler(try security.makeHandler(), name: Self.tlsHandlerName)
         }
         let http = HTTPHandler(configuration: configuration, files: files, counter: counter, loop: loops[ObjectIdentifier(channel.eventLoop)])
         try channel.pipeline.syncOperations.configureHTTPServerPipeline(
-            withServerUpgrade: (upgraders: [upgrader], completionHandler: { context in
-                context.pipeline.syncOperations.removeHandler(name: "luaws.http", promise: nil)
-            }),
+            // HTTPHandler leaves in `WebSocketUpgrader.upgrade`, which takes the accepted request from it.
+            withServerUpgrade: (upgraders: [upgrader], completionHandler: { _ in }),
             withErrorHandling: true
         )
-        try channel.pipeline.syncOperations.addHandler(http, name: "luaws.http")
+        try channel.pipeline.syncOperations.addHandler(http)
+    }
+}
+
+/// The server side of the opening handshake (RFC 6455 §4.2), in place of NIO's
+/// `NIOWebSocketServerUpgrader`, whose checks and response headers it repeats. The difference is
+/// the upgrade itself: NIO's always installs its frame encoder and decoder, which the connection
+/// handler does not use (it parses and encodes frames itself) and which stayed in every upgraded
+/// connection's pipeline (the encoder could not be removed), with their contexts and a buffer
+/// (~0.25 KB per idle connection). Here the pipeline after the upgrade holds the connection
+/// handler only (and TLS, if any).
+///
+/// Refusals fail `buildUpgradeResponse` with a `NIOWebSocketUpgradeError`, as NIO's does: NIO's
+/// upgrade handler then passes the request on to `HTTPHandler`, which answers it (with the
+/// application's status, if the application refused: see `HTTPHandler.UpgradeOutcome`).
+final class WebSocketUpgrader: HTTPServerProtocolUpgrader, Sendable {
+    let supportedProtocol = "websocket"
+    let requiredUpgradeHeaders: [String] = []
+    private let configuration: ServerConfiguration
+    private let counter: ConnectionCounter
+    private let loops: [ObjectIdentifier: NIOLoopBound<LoopState>]
+
+    init(configuration: ServerConfiguration, counter: ConnectionCounter, loops: [ObjectIdentifier: NIOLoopBound<LoopState>]) {
+        self.configuration = configuration
+        self.counter = counter
+        self.loops = loops
+    }
+
+    /// Called on the channel's loop when a request asks for `Upgrade: websocket`.
+    func buildUpgradeResponse(channel: Channel, upgradeRequest head: HTTPRequestHead, initialResponseHeaders: HTTPHeaders) -> EventLoopFuture<HTTPHeaders> {
+        // As NIO's upgrader: exactly one key and one version, and the version 13, before anything
+        // else (the application is not asked about such a request).
+        guard let key = Self.single("Sec-WebSocket-Key", in: head.headers),
+              Self.single("Sec-WebSocket-Version", in: head.headers) == "13"
+        else {
+            return channel.eventLoop.makeFailedFuture(NIOWebSocketUpgradeError.invalidUpgradeHeader)
+        }
+        // Refusals here return nil; HTTPHandler then answers the request with the reason.
+        guard let bound = loops[ObjectIdentifier(channel.eventLoop)],
+              let http = try? channel.pipeline.syncOperations.handler(type: HTTPHandler.self),
+              let agreed = Handshake(head, configuration: configuration, application: bound.value.application)
+        else {
+            return channel.eventLoop.makeFailedFuture(NIOWebSocketUpgradeError.unsupportedWebSocketTarget)
+        }
+        var asked = WebSocketRequest(head: head, peer: channel.remoteAddress, configuration: configuration)
+        asked.subprotocol = agreed.subprotocol
+        let request = asked
+        let counter = counter
+        let httpHandler = NIOLoopBound(http, eventLoop: channel.eventLoop)
+        return bound.value.application.shouldUpgrade(request, on: channel.eventLoop).flatMapThrowing { decision -> HTTPHeaders in
+            let loop = bound.value
+            // The client may have gone while the application decided: nothing is recorded then
+            // (HTTPHandler has left the pipeline, and would not give a slot back).
+            guard channel.isActive else { throw NIOWebSocketUpgradeError.unsupportedWebSocketTarget }
+            switch decision {
+            case .refuse(let status, let reason):
+                loop.closedFigures.refused["application", default: 0] += 1
+                httpHandler.value.recordUpgrade(.refused(status: (400...599).contains(status) ? status : 403, reason: reason))
+                throw NIOWebSocketUpgradeError.unsupportedWebSocketTarget
+            case .accept(let context):
+                // The slot is taken only once the application accepted.
+                guard counter.acquire() else {
+                    loop.closedFigures.refused["connection_limit", default: 0] += 1
+                    httpHandler.value.recordUpgrade(.refused(status: 503, reason: "Too many connections\n"))
+                    throw NIOWebSocketUpgradeError.unsupportedWebSocketTarget
+                }
+                var accepted = request
+                accepted.context = context
+                httpHandler.value.recordUpgrade(.accepted(accepted, agreed))
+                // NIO's upgrader's headers, in its order.
+                var headers = agreed.responseHeaders
+                headers.replaceOrAdd(name: "Upgrade", value: "websocket")
+                headers.add(name: "Sec-WebSocket-Accept", value: Self.acceptValue(key: key))
+                headers.replaceOrAdd(name: "Connection", value: "upgrade")
+                return headers
+            }
+        }
+    }
+
+    /// Called on the loop once the 101 response is written and NIO's HTTP handlers are gone;
+    /// NIO's upgrade handler leaves right after, passing on what the client sent meanwhile.
+    func upgrade(context: ChannelHandlerContext, upgradeRequest: HTTPRequestHead) -> EventLoopFuture<Void> {
+        context.eventLoop.makeCompletedFuture {
+            let pipeline = context.pipeline.syncOperations
+            let http = try pipeline.handler(type: HTTPHandler.self)
+            guard let loop = loops[ObjectIdentifier(context.eventLoop)]?.value,
+                  let (request, agreed) = http.takeAcceptedUpgrade()
+            else {
+                throw ChannelError.inappropriateOperationForState
+            }
+            // From here this function holds the connection slot; the connection handler, once
+            // added, holds it until the connection ends.
+            let handler = WebSocketConnectionHandler(id: loop.makeID(), request: request, deflate: agreed.deflate, loop: loop, slots: counter)
+            do {
+                pipeline.removeHandler(http, promise: nil)
+                // Reads sized for messages from now on (see `ReceiveBuffers`).
+                if let options = context.channel.syncOptions {
+                    try? options.setOption(ChannelOptions.recvAllocator, value: ReceiveBuffers.messages)
+                    try? options.setOption(ChannelOptions.maxMessagesPerRead, value: ReceiveBuffers.messageReadsPerReadiness)
+                }
+                // Last, behind NIO's upgrade handler, which hands it the bytes that follow the
+                // request. It encodes its frames itself and writes them from its own context:
+                // they meet no other handler on their way out but TLS, when there is TLS.
+                try pipeline.addHandler(handler)
+            } catch {
+                counter.release()
+                throw error
+            }
+        }
+    }
+
+    /// The value of a header that must appear once and hold one value (as NIO's upgrader reads it).
+    private static func single(_ name: String, in headers: HTTPHeaders) -> String? {
+        let values = headers[canonicalForm: name]
+        return values.count == 1 ? String(values[0]) : nil
+    }
+
+    /// `Sec-WebSocket-Accept` (RFC 6455 §4.2.2): base64 of the SHA-1 of the key and the GUID.
+    static func acceptValue(key: String) -> String {
+        Data(SHA1.hash(Array((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").utf8))).base64EncodedString()
     }
 }
 

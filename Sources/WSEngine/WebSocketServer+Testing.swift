@@ -14,7 +14,7 @@ extension WebSocketServer {
         logger: Logger
     ) throws {
         let loop = channel.eventLoop
-        let state = LoopState(index: 0, eventLoop: loop, application: application, logger: logger, compressionLevel: configuration.compressionLevel)
+        let state = LoopState(index: 0, eventLoop: loop, application: application, logger: logger, configuration: configuration)
         let pipeline = ServerPipeline(configuration: configuration, files: nil, loops: [ObjectIdentifier(loop): NIOLoopBound(state, eventLoop: loop)])
         try pipeline.configure(channel)
     }
@@ -33,7 +33,7 @@ public final class LoopServerForTesting {
     /// Must be made on `eventLoop`; with `keepAlive`, the sweep (pings, pong timeout, idle
     /// timeout) runs as `WebSocketServer.start` runs it.
     public init(configuration: ServerConfiguration, eventLoop: EventLoop, application: WebSocketApplication, logger: Logger, keepAlive: Bool = true) {
-        state = LoopState(index: 0, eventLoop: eventLoop, application: application, logger: logger, compressionLevel: configuration.compressionLevel)
+        state = LoopState(index: 0, eventLoop: eventLoop, application: application, logger: logger, configuration: configuration)
         pipeline = ServerPipeline(configuration: configuration, files: nil, loops: [ObjectIdentifier(eventLoop): NIOLoopBound(state, eventLoop: eventLoop)])
         if keepAlive { state.startSweep(every: WebSocketServer.sweepInterval(configuration)) }
     }

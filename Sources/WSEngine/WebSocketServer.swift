@@ -44,7 +44,7 @@ public final class WebSocketServer: Sendable {
             var loops: [ObjectIdentifier: NIOLoopBound<LoopState>] = [:]
             for (index, loop) in group.makeIterator().enumerated() {
                 let state = try await loop.submit {
-                    NIOLoopBound(LoopState(index: index, eventLoop: loop, application: try makeApplication(index, loop), logger: logger, compressionLevel: configuration.compressionLevel), eventLoop: loop)
+                    NIOLoopBound(LoopState(index: index, eventLoop: loop, application: try makeApplication(index, loop), logger: logger, configuration: configuration), eventLoop: loop)
                 }.get()
                 loops[ObjectIdentifier(loop)] = state
                 let sweep = sweepInterval(configuration)
@@ -95,6 +95,9 @@ public final class WebSocketServer: Sendable {
             .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
             .childChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.writeBufferWaterMark, value: .init(low: configuration.maxOutboundBytes / 2, high: configuration.maxOutboundBytes))
+            // Small reads until the upgrade, into a buffer that stays small if nothing follows.
+            .childChannelOption(.recvAllocator, value: ReceiveBuffers.Opening())
+            .childChannelOption(.maxMessagesPerRead, value: ReceiveBuffers.openingReadsPerReadiness)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture { try pipeline.configure(channel) }
             }
