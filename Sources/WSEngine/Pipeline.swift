@@ -41,77 +41,83 @@ struct ServerPipeline: Sendable {
     }
 }
 
-/// The server side of the opening handshake (RFC 6455 §4.2), in place of NIO's
-/// `NIOWebSocketServerUpgrader`, whose checks and response headers it repeats. The difference is
-/// the upgrade itself: NIO's always installs its frame encoder and decoder, which the connection
+/// The server side of the opening handshake (RFC 6455 §4.2). The answer is NIO's:
+/// `buildUpgradeResponse` is `NIOWebSocketServerUpgrader`'s (its checks of the key and version,
+/// its `Sec-WebSocket-Accept`, its headers), asked through `decide`. The difference is the
+/// upgrade itself: NIO's always installs its frame encoder and decoder, which the connection
 /// handler does not use (it parses and encodes frames itself) and which stayed in every upgraded
 /// connection's pipeline (the encoder could not be removed), with their contexts and a buffer
 /// (~0.25 KB per idle connection). Here the pipeline after the upgrade holds the connection
-/// handler only (and TLS, if any).
+/// handler only (and TLS, if any): `upgrade` is ours, and NIO's is never called.
 ///
-/// Refusals fail `buildUpgradeResponse` with a `NIOWebSocketUpgradeError`, as NIO's does: NIO's
-/// upgrade handler then passes the request on to `HTTPHandler`, which answers it (with the
+/// Refusals make `decide` answer nil, so NIO's upgrader fails with a `NIOWebSocketUpgradeError`;
+/// NIO's upgrade handler then passes the request on to `HTTPHandler`, which answers it (with the
 /// application's status, if the application refused: see `HTTPHandler.UpgradeOutcome`).
 final class WebSocketUpgrader: HTTPServerProtocolUpgrader, Sendable {
     let supportedProtocol = "websocket"
     let requiredUpgradeHeaders: [String] = []
-    private let configuration: ServerConfiguration
     private let counter: ConnectionCounter
     private let loops: [ObjectIdentifier: NIOLoopBound<LoopState>]
+    /// Answers the request (never upgrades: see `upgrade`).
+    private let nio: NIOWebSocketServerUpgrader
 
     init(configuration: ServerConfiguration, counter: ConnectionCounter, loops: [ObjectIdentifier: NIOLoopBound<LoopState>]) {
-        self.configuration = configuration
         self.counter = counter
         self.loops = loops
+        nio = NIOWebSocketServerUpgrader(
+            maxFrameSize: configuration.maxFrameSize,
+            automaticErrorHandling: false,
+            shouldUpgrade: { channel, head in
+                Self.decide(channel: channel, head: head, configuration: configuration, counter: counter, loops: loops)
+            },
+            upgradePipelineHandler: { channel, _ in channel.eventLoop.makeFailedFuture(ChannelError.inappropriateOperationForState) }
+        )
     }
 
-    /// Called on the channel's loop when a request asks for `Upgrade: websocket`.
+    /// Called on the channel's loop when a request asks for `Upgrade: websocket`. NIO's upgrader
+    /// checks for exactly one key and one version, the version 13, before anything else (the
+    /// application is not asked about such a request), then asks `decide`.
     func buildUpgradeResponse(channel: Channel, upgradeRequest head: HTTPRequestHead, initialResponseHeaders: HTTPHeaders) -> EventLoopFuture<HTTPHeaders> {
-        // As NIO's upgrader: exactly one key and one version, and the version 13, before anything
-        // else (the application is not asked about such a request).
-        guard let key = Self.single("Sec-WebSocket-Key", in: head.headers),
-              Self.single("Sec-WebSocket-Version", in: head.headers) == "13"
-        else {
-            return channel.eventLoop.makeFailedFuture(NIOWebSocketUpgradeError.invalidUpgradeHeader)
-        }
+        nio.buildUpgradeResponse(channel: channel, upgradeRequest: head, initialResponseHeaders: initialResponseHeaders)
+    }
+
+    /// The headers the server adds to its 101 (extensions, sub-protocol), or nil to refuse.
+    private static func decide(
+        channel: Channel, head: HTTPRequestHead, configuration: ServerConfiguration, counter: ConnectionCounter,
+        loops: [ObjectIdentifier: NIOLoopBound<LoopState>]
+    ) -> EventLoopFuture<HTTPHeaders?> {
         // Refusals here return nil; HTTPHandler then answers the request with the reason.
         guard let bound = loops[ObjectIdentifier(channel.eventLoop)],
               let http = try? channel.pipeline.syncOperations.handler(type: HTTPHandler.self),
               let agreed = Handshake(head, configuration: configuration, application: bound.value.application)
         else {
-            return channel.eventLoop.makeFailedFuture(NIOWebSocketUpgradeError.unsupportedWebSocketTarget)
+            return channel.eventLoop.makeSucceededFuture(nil)
         }
         var asked = WebSocketRequest(head: head, peer: channel.remoteAddress, configuration: configuration)
         asked.subprotocol = agreed.subprotocol
         let request = asked
-        let counter = counter
         let httpHandler = NIOLoopBound(http, eventLoop: channel.eventLoop)
-        return bound.value.application.shouldUpgrade(request, on: channel.eventLoop).flatMapThrowing { decision -> HTTPHeaders in
+        return bound.value.application.shouldUpgrade(request, on: channel.eventLoop).map { decision -> HTTPHeaders? in
             let loop = bound.value
             // The client may have gone while the application decided: nothing is recorded then
             // (HTTPHandler has left the pipeline, and would not give a slot back).
-            guard channel.isActive else { throw NIOWebSocketUpgradeError.unsupportedWebSocketTarget }
+            guard channel.isActive else { return nil }
             switch decision {
             case .refuse(let status, let reason):
                 loop.closedFigures.refused["application", default: 0] += 1
                 httpHandler.value.recordUpgrade(.refused(status: (400...599).contains(status) ? status : 403, reason: reason))
-                throw NIOWebSocketUpgradeError.unsupportedWebSocketTarget
+                return nil
             case .accept(let context):
                 // The slot is taken only once the application accepted.
                 guard counter.acquire() else {
                     loop.closedFigures.refused["connection_limit", default: 0] += 1
                     httpHandler.value.recordUpgrade(.refused(status: 503, reason: "Too many connections\n"))
-                    throw NIOWebSocketUpgradeError.unsupportedWebSocketTarget
+                    return nil
                 }
                 var accepted = request
                 accepted.context = context
                 httpHandler.value.recordUpgrade(.accepted(accepted, agreed))
-                // NIO's upgrader's headers, in its order.
-                var headers = agreed.responseHeaders
-                headers.replaceOrAdd(name: "Upgrade", value: "websocket")
-                headers.add(name: "Sec-WebSocket-Accept", value: Self.acceptValue(key: key))
-                headers.replaceOrAdd(name: "Connection", value: "upgrade")
-                return headers
+                return agreed.responseHeaders
             }
         }
     }
@@ -148,16 +154,6 @@ final class WebSocketUpgrader: HTTPServerProtocolUpgrader, Sendable {
         }
     }
 
-    /// The value of a header that must appear once and hold one value (as NIO's upgrader reads it).
-    private static func single(_ name: String, in headers: HTTPHeaders) -> String? {
-        let values = headers[canonicalForm: name]
-        return values.count == 1 ? String(values[0]) : nil
-    }
-
-    /// `Sec-WebSocket-Accept` (RFC 6455 §4.2.2): base64 of the SHA-1 of the key and the GUID.
-    static func acceptValue(key: String) -> String {
-        Data(SHA1.hash(Array((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").utf8))).base64EncodedString()
-    }
 }
 
 /// What the server agrees to for one upgrade request, or nil if it refuses it. Deterministic in
