@@ -11,7 +11,7 @@
 ---@field protocol string? The negotiated sub-protocol (one of the plugins' `protocols`), or nil.
 ---@field remote_addr string? The client's IP address (no port); behind `--trust-proxy` proxies, the address they forwarded.
 ---@field query table<string, string> The query string, parsed (`?room=blue` -> `query.room`).
----@field headers table<string, string> Request headers, names in lower case.
+---@field headers table<string, string> Request headers, names in lower case, without the handshake's own (connection, upgrade, sec-websocket-key/-version/-extensions).
 ---@field data table Your own per-connection table; lives as long as the connection, across reloads.
 local Conn = {}
 

@@ -84,7 +84,9 @@ public final class PluginHost {
         var timers: Set<Int64> = []
         /// A hook of this connection is suspended: its later events wait in `waiting`.
         var busy = false
-        var waiting = CircularBuffer<ConnectionEvent>()
+        /// Made when first used (only ever while a hook waits): an empty CircularBuffer
+        /// allocates 16 slots, about 0.5 KB for every connection.
+        lazy var waiting = CircularBuffer<ConnectionEvent>(initialCapacity: 4)
         /// Payload bytes of the messages in `waiting`.
         var waitingBytes = 0
         /// Reading from the client is paused because too much waits.
@@ -536,7 +538,7 @@ public final class PluginHost {
     private func handle(_ event: Event) {
         switch event {
         case .open(let handle, let id, let request):
-            let headerBlock = Self.headerBlock(request.headers)
+            let headerBlock = Self.headerBlock(request.headers.filter { !Self.handshakeHeaders.contains($0.name.lowercased()) })
             let made: Int32?
             let upgrade = request.upgradeToken.flatMap { upgrades.removeValue(forKey: $0)?.ref }
             defer { if let upgrade { vm.unref(upgrade) } }
@@ -1012,6 +1014,11 @@ public final class PluginHost {
     }
 
     /// Headers as "Name: value" lines: how they cross into and out of Lua.
+    /// The handshake's own headers: not kept for `conn.headers` (the block stays in the Lua state
+    /// for the connection's life, and these say nothing a plugin can use once it is open: the key
+    /// alone differs for every connection). on_upgrade's `req.headers` has them.
+    static let handshakeHeaders: Set<String> = ["connection", "upgrade", "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions"]
+
     static func headerBlock(_ headers: [(name: String, value: String)]) -> String {
         headers.map { "\($0.name): \($0.value)" }.joined(separator: "\n")
     }
