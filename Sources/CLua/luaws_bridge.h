@@ -683,11 +683,18 @@ static void luaws_copy_error(lua_State *L, luaws_host *h, int status) {
  * `budgeted`, the instruction budget armed. Returns a LUA_OK/LUA_ERR* status;
  * on error the message (with traceback) is in h->error. The stack is left as
  * it was found. */
+/* A new call from Swift: no error yet, and a whole budget (or none). The count hook stays
+ * armed on every thread; it charges what the call runs against h->remaining. */
+static inline void luaws_begin_call(luaws_host *h, int budgeted) {
+    h->error[0] = 0;
+    h->budget_hit = 0;
+    h->remaining = budgeted && h->budget > 0 ? (lua_Integer)h->budget : LUAWS_UNLIMITED;
+}
+
 static int luaws_protected(lua_State *L, lua_CFunction fn, void *frame, int budgeted) {
     luaws_host *h = luaws_host_of(L);
     int top = lua_gettop(L);
-    h->error[0] = 0;
-    h->budget_hit = 0;
+    luaws_begin_call(h, budgeted);
     if (!lua_checkstack(L, 3)) {
         snprintf(h->error, LUAWS_ERR_MAX, "Lua stack overflow");
         return LUA_ERRMEM;
@@ -695,8 +702,6 @@ static int luaws_protected(lua_State *L, lua_CFunction fn, void *frame, int budg
     lua_pushcfunction(L, luaws_msgh);
     lua_pushcfunction(L, fn);
     lua_pushlightuserdata(L, frame);
-    /* The hook stays armed on every thread; a new call gets a whole budget. */
-    h->remaining = budgeted && h->budget > 0 ? (lua_Integer)h->budget : LUAWS_UNLIMITED;
     int status = lua_pcall(L, 1, 0, top + 1);
     if (status != LUA_OK) luaws_copy_error(L, h, status);
     lua_settop(L, top);
@@ -788,24 +793,30 @@ static int luaws_read_yield(lua_State *co, int n, luaws_run *run) {
     return 1;
 }
 
+/* Resumes f->co with the `nargs` values on its stack top, as the running hook's coroutine
+ * (the one core.wait may yield): what lua_resume returned, and whether the coroutine yielded
+ * through core.wait, are left in the frame for luaws_run_finish. */
+static inline void luaws_resume_hook(lua_State *L, luaws_run_frame *f, int nargs) {
+    luaws_host *h = luaws_host_of(L);
+    h->hook_thread = f->co;
+    h->wait_pending = 0;
+    f->status = lua_resume(f->co, L, nargs, &f->nres);
+    h->hook_thread = NULL;
+    f->waited = h->wait_pending;
+    h->wait_pending = 0;
+}
+
 /* The resume path: the answer is pushed on the main thread (where a memory error is caught:
- * this runs under luaws_protected) and moved onto the coroutine in place of what it yielded;
- * what lua_resume returned is left in the frame for luaws_run_finish. */
+ * this runs under luaws_protected) and moved onto the coroutine in place of what it yielded. */
 static int luaws_run_trampoline(lua_State *L) {
     luaws_run_frame *f = (luaws_run_frame *)lua_touserdata(L, 1);
-    luaws_host *h = luaws_host_of(L);
     lua_State *co = f->co;
     lua_settop(co, 0);
     luaL_checkstack(L, f->nargs + 2, "too many arguments");
     if (!lua_checkstack(co, f->nargs + 2)) return luaL_error(L, "coroutine stack overflow");
     for (int k = 0; k < f->nargs; k++) luaws_push_arg(L, &f->args[k]);
     lua_xmove(L, co, f->nargs);
-    h->hook_thread = co;
-    h->wait_pending = 0;
-    f->status = lua_resume(co, L, f->nargs, &f->nres);
-    h->hook_thread = NULL;
-    f->waited = h->wait_pending;
-    h->wait_pending = 0;
+    luaws_resume_hook(L, f, f->nargs);
     return 0;
 }
 
@@ -904,21 +915,14 @@ static inline int luaws_run_hook(lua_State *L, lua_State *co, int fn, const luaw
         int status = luaws_protected(L, luaws_run_trampoline, &frame, 1);
         return status != LUA_OK ? status : luaws_run_finish(L, &frame);
     }
-    h->error[0] = 0;
-    h->budget_hit = 0;
+    luaws_begin_call(h, 1);
     if (!lua_checkstack(co, 2)) {
         snprintf(h->error, LUAWS_ERR_MAX, "coroutine stack overflow");
         return LUA_ERRMEM;
     }
     lua_pushcfunction(co, luaws_hook_body);
     lua_pushlightuserdata(co, &frame);
-    h->remaining = h->budget > 0 ? (lua_Integer)h->budget : LUAWS_UNLIMITED;
-    h->hook_thread = co;
-    h->wait_pending = 0;
-    frame.status = lua_resume(co, L, 1, &frame.nres);
-    h->hook_thread = NULL;
-    frame.waited = h->wait_pending;
-    h->wait_pending = 0;
+    luaws_resume_hook(L, &frame, 1);
     return luaws_run_finish(L, &frame);
 }
 
