@@ -474,12 +474,9 @@ final class WebSocketConnectionHandler: ChannelInboundHandler, RemovableChannelH
         }
         let length = payload.readableBytes
         if promise == nil, length <= FrameWriter.copyLimit {
-            let size = FrameWriter.headerSize(length) + length
-            var buffer = corked ?? out.channel.allocator.buffer(capacity: max(size, 1024))
+            var buffer = corked ?? out.channel.allocator.buffer(capacity: max(FrameWriter.headerSize(length) + length, 1024))
             corked = nil  // the buffer is unique while it is written to: no copy
-            FrameWriter.writeHeader(opcode: opcode, rsv1: rsv1, length: length, into: &buffer)
-            buffer.writeImmutableBuffer(payload)
-            counts.bytesSent &+= size
+            counts.bytesSent &+= FrameWriter.append(opcode: opcode, rsv1: rsv1, payload: payload, to: &buffer)
             if buffer.readableBytes >= Self.corkLimit {
                 out.write(wrapOutboundOut(buffer), promise: nil)
             } else {

@@ -4,8 +4,9 @@ import NIOWebSocket
 /// Encodes server frames (RFC 6455 §5.2: never masked) straight into ByteBuffers.
 ///
 /// The connection handler writes bytes itself rather than through NIO's WebSocketFrameEncoder:
-/// a small message becomes one buffer (header and payload together, one allocation, one iovec)
-/// instead of a frame wrapped in NIOAny, a separate header buffer and two iovecs. The handler
+/// small frames are appended back to back to one buffer per batch (`append`; header and payload
+/// together, one allocation, one iovec) instead of a frame wrapped in NIOAny, a separate header
+/// buffer and two iovecs each. The handler
 /// writes them from its own context, last in the pipeline: nothing stands between it and the
 /// socket but TLS, if any.
 enum FrameWriter {
@@ -28,14 +29,22 @@ enum FrameWriter {
         }
     }
 
+    /// Appends the whole frame (header, then the payload copied) to `buffer`; returns its size.
+    @discardableResult
+    static func append(opcode: WebSocketOpcode, rsv1: Bool = false, payload: ByteBuffer, to buffer: inout ByteBuffer) -> Int {
+        let length = payload.readableBytes
+        writeHeader(opcode: opcode, rsv1: rsv1, length: length, into: &buffer)
+        buffer.writeImmutableBuffer(payload)
+        return headerSize(length) + length
+    }
+
     /// Calls `write` once (header and payload in one buffer) or twice (header, then the payload
     /// as it is, not copied); its second argument is true for the frame's last buffer.
     static func frame(opcode: WebSocketOpcode, rsv1: Bool = false, payload: ByteBuffer, allocator: ByteBufferAllocator, write: (ByteBuffer, Bool) -> Void) {
         let length = payload.readableBytes
         if length <= copyLimit {
             var buffer = allocator.buffer(capacity: headerSize(length) + length)
-            writeHeader(opcode: opcode, rsv1: rsv1, length: length, into: &buffer)
-            buffer.writeImmutableBuffer(payload)
+            append(opcode: opcode, rsv1: rsv1, payload: payload, to: &buffer)
             write(buffer, true)
         } else {
             var header = allocator.buffer(capacity: headerSize(length))
