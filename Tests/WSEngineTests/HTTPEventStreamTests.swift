@@ -44,6 +44,17 @@ final class HTTPEventStreamTests: XCTestCase {
 
     private func loop() -> EmbeddedEventLoop { EmbeddedEventLoop() }
 
+    /// A stream without history, whose subscribers may have `maxQueuedBytes` queued, and one
+    /// subscriber of it.
+    private func queueOnlyStream(maxQueuedBytes: Int) throws -> (HTTPEventStream, Int, HTTPEventStream.Limits) {
+        var limits = HTTPEventStream.Limits()
+        limits.history = 0
+        limits.historyBytes = 0
+        limits.maxQueuedBytes = maxQueuedBytes
+        let stream = HTTPEventStream(limits: limits)
+        return (stream, try XCTUnwrap(stream.subscribe(lastEventID: nil, on: loop())), limits)
+    }
+
     func testHistoryKeepsTheLastEventsUpToItsCountAndBytes() throws {
         var limits = HTTPEventStream.Limits()
         limits.history = 200
@@ -93,12 +104,7 @@ final class HTTPEventStreamTests: XCTestCase {
     }
 
     func testASubscriberThatDoesNotReadIsBoundedAndSkipsWithAMarker() throws {
-        var limits = HTTPEventStream.Limits()
-        limits.history = 0
-        limits.historyBytes = 0
-        limits.maxQueuedBytes = 10_000
-        let stream = HTTPEventStream(limits: limits)
-        let key = try XCTUnwrap(stream.subscribe(lastEventID: nil, on: loop()))
+        let (stream, key, limits) = try queueOnlyStream(maxQueuedBytes: 10_000)
         let payload = String(repeating: "y", count: 90)
         for _ in 1...1_000 {
             stream.publish(ServerSentEvent(data: payload))
@@ -117,12 +123,7 @@ final class HTTPEventStreamTests: XCTestCase {
     }
 
     func testSkippingLastsUntilHalfTheQueueIsRead() throws {
-        var limits = HTTPEventStream.Limits()
-        limits.history = 0
-        limits.historyBytes = 0
-        limits.maxQueuedBytes = 1_000
-        let stream = HTTPEventStream(limits: limits)
-        let key = try XCTUnwrap(stream.subscribe(lastEventID: nil, on: loop()))
+        let (stream, key, _) = try queueOnlyStream(maxQueuedBytes: 1_000)
         // Fill the queue until an event does not fit: the marker goes in, skipping starts.
         let payload = String(repeating: "z", count: 80)
         while true {
