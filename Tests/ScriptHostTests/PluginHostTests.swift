@@ -111,6 +111,26 @@ final class PluginHostTests: XCTestCase {
         XCTAssertEqual(conn.closed?.1, "done")
     }
 
+    func testConnHeadersLeaveOutTheHandshakesOwn() throws {
+        let host = try host(["p": """
+            return { on_message = function(conn)
+              local names = {}
+              for name in pairs(conn.headers) do names[#names + 1] = name end
+              table.sort(names)
+              conn:send(table.concat(names, ","))
+            end }
+            """])
+        let conn = RecordingConnection()
+        let handshake = ScriptRequest(path: "/ws", query: "", headers: [
+            ("Host", "example"), ("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Version", "13"), ("Sec-WebSocket-Extensions", "permessage-deflate"), ("Sec-WebSocket-Protocol", "chat"),
+            ("User-Agent", "x"),
+        ])
+        host.open(conn, id: 1, request: handshake)
+        host.message(id: 1, data: text("?"), binary: false)
+        XCTAssertEqual(conn.texts, ["host,sec-websocket-protocol,user-agent"])
+    }
+
     func testSendJoinsItsPartsIntoOneMessage() throws {
         let host = try host(["p": """
             return { on_message = function(conn, msg)
